@@ -1,0 +1,25 @@
+//! konduit's build pipeline: the one entry point for everything beyond a
+//! plain `cargo build` (tests with their set-up, the demo, certificates).
+
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "konduit build pipeline")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sets up what the tests need, then runs lints and every test (unit, integration, end-to-end).
+    Test(test::TestArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Test(args) => test::run(args),
+    }
+}
