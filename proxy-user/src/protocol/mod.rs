@@ -3,6 +3,7 @@
 //!
 //! Everything here is pure (values in, values or errors out); no sockets.
 
+pub mod http_connect;
 pub mod identifiers;
 pub mod packet;
 

@@ -1,0 +1,94 @@
+//! Listening sockets: TCP with the options every tunnel socket gets, TLS
+//! handshakes off the accept path (with a deadline), and unix sockets.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::error::{Error, Result, Side};
+
+/// Deadline for a client to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Latency matters more than packet count for tunnelled RPCs.
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&keepalive);
+}
+
+pub async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    // socket2 so that an all-interfaces [::] bind also takes IPv4.
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+        .map_err(|e| Error::io(Side::Local, format!("socket for {what}"), e))?;
+    let bind_err = |e| Error::io(Side::Local, format!("bind {what} on {addr}"), e);
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).map_err(bind_err)?;
+    }
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    TcpListener::from_std(socket.into()).map_err(bind_err)
+}
+
+pub fn bind_unix(path: &str, delete_existing: bool) -> Result<UnixListener> {
+    if delete_existing && Path::new(path).exists() {
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(Side::Local, format!("remove stale socket {path}"), e))?;
+    }
+    UnixListener::bind(path)
+        .map_err(|e| Error::io(Side::Local, format!("bind unix socket {path}"), e))
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so a
+/// slow or hostile client never delays another. Failed handshakes are logged
+/// with the peer and reason and close only that connection.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    what: &'static str,
+) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            tune(&stream);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, listener = what, error = %e, "TLS handshake failed")
+                    }
+                    Err(_) => tracing::warn!(%peer, listener = what, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    rx
+}

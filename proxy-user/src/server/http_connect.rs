@@ -1,0 +1,204 @@
+//! The HTTP-CONNECT frontend (unix socket, or TCP with mTLS): reads one
+//! CONNECT request under a size limit and deadline, asks an agent to dial,
+//! answers 200 only once the agent has dialled (or the stock error status),
+//! then hands the socket to the data plane. Bad input closes only its own
+//! connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::registry::{AgentRegistry, DialError, DialSpec};
+use crate::dataplane::EngineKind;
+use crate::dataplane::packet_bridge;
+use crate::metrics::ServerMetrics;
+use crate::protocol::http_connect::{self, RequestError};
+
+/// Settings of the HTTP-CONNECT frontend.
+#[derive(Debug, Clone)]
+pub struct HttpConnectSettings {
+    pub max_header_bytes: usize,
+    pub header_timeout: Duration,
+    pub dial_timeout: Option<Duration>,
+}
+
+enum HeaderError {
+    Request(RequestError),
+    Timeout,
+    Io(std::io::Error),
+    /// The client closed before sending a whole header.
+    Eof,
+}
+
+async fn read_header<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    settings: &HttpConnectSettings,
+) -> Result<(http_connect::ConnectRequest, BytesMut), HeaderError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            if let Some(req) = http_connect::parse_request(&buf, settings.max_header_bytes)
+                .map_err(HeaderError::Request)?
+            {
+                return Ok(req);
+            }
+            let room = settings.max_header_bytes + 1 - buf.len().min(settings.max_header_bytes);
+            let mut limited = (&mut buf).limit(room);
+            let n = stream
+                .read_buf(&mut limited)
+                .await
+                .map_err(HeaderError::Io)?;
+            if n == 0 {
+                return Err(HeaderError::Eof);
+            }
+        }
+    };
+    let req = tokio::time::timeout(settings.header_timeout, read)
+        .await
+        .map_err(|_| HeaderError::Timeout)??;
+    let rest = buf.split_off(req.header_len);
+    Ok((req, rest))
+}
+
+use bytes::BufMut;
+
+/// Serves one frontend connection to the end.
+pub async fn serve_connection<S>(
+    mut stream: S,
+    peer: String,
+    registry: Arc<AgentRegistry>,
+    settings: Arc<HttpConnectSettings>,
+    metrics: ServerMetrics,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    metrics.http_connections.inc();
+    let _gauge = scopeguard(metrics.http_connections.clone());
+    let (request, rest) = match read_header(&mut stream, &settings).await {
+        Ok(x) => x,
+        Err(HeaderError::Request(e)) => {
+            tracing::info!(%peer, error = %e, "bad CONNECT request");
+            let (code, reason) = e.status();
+            let body = match &e {
+                // Stock's body for other methods.
+                RequestError::MethodNotAllowed(_) => {
+                    "this proxy only supports CONNECT passthrough\n".to_owned()
+                }
+                other => format!("{other}\n"),
+            };
+            let _ = stream
+                .write_all(&http_connect::error_response(code, reason, &body))
+                .await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Err(HeaderError::Timeout) => {
+            tracing::info!(%peer, "client did not send its CONNECT header in time");
+            let body = "timed out waiting for the request header\n";
+            let _ = stream
+                .write_all(&http_connect::error_response(408, "Request Timeout", body))
+                .await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+        Err(HeaderError::Io(e)) => {
+            tracing::debug!(%peer, error = %e, "frontend connection failed while reading its header");
+            return;
+        }
+        Err(HeaderError::Eof) => return,
+    };
+
+    let address = request.authority;
+    let Some(session) = registry.pick(&address) else {
+        metrics.dial_failures.with_label_values(&["no_agent"]).inc();
+        tracing::info!(%peer, %address, "no agent available");
+        let body = "currently no tunnels available: No agent available";
+        let _ = stream
+            .write_all(&http_connect::error_response(
+                500,
+                "Internal Server Error",
+                body,
+            ))
+            .await;
+        let _ = stream.shutdown().await;
+        return;
+    };
+    let spec = DialSpec::tcp(address.clone(), true);
+    let tunnel = match session.dial(&spec, settings.dial_timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            let (code, reason, body) = match &e {
+                DialError::Agent(msg) => {
+                    let (code, reason) = http_connect::dial_error_status(msg);
+                    (code, reason, msg.clone())
+                }
+                DialError::Timeout => {
+                    (504, "Gateway Timeout", format!("Backend dial timeout: {e}"))
+                }
+                DialError::Closed(msg) => {
+                    (502, "Bad Gateway", format!("Backend context error: {msg}"))
+                }
+                DialError::NoAgent => (
+                    500,
+                    "Internal Server Error",
+                    format!("currently no tunnels available: {e}"),
+                ),
+            };
+            tracing::info!(%peer, %address, agent = %session.agent_id, status = code, error = %body, "dial failed");
+            let _ = stream
+                .write_all(&http_connect::error_response(code, reason, &body))
+                .await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    if let Err(e) = stream.write_all(http_connect::ESTABLISHED).await {
+        tracing::debug!(%peer, error = %e, "frontend left before the tunnel was established");
+        let _ = session
+            .send(
+                crate::protocol::PacketKind::CloseRequest {
+                    connect_id: tunnel.connect_id,
+                }
+                .into_packet(),
+            )
+            .await;
+        session.release(tunnel.connect_id);
+        return;
+    }
+    let connect_id = tunnel.connect_id;
+    tracing::debug!(%peer, %address, agent = %session.agent_id, connect_id, "tunnel established");
+    let started = Instant::now();
+    let stats = packet_bridge::bridge(stream, tunnel.into_link(), Bytes::from(rest)).await;
+    session.release(connect_id);
+    metrics
+        .connection_duration
+        .observe(started.elapsed().as_secs_f64());
+    metrics.dataplane.record(
+        EngineKind::Userspace,
+        stats.local_to_peer,
+        stats.peer_to_local,
+    );
+    match stats.error {
+        Some(e) => {
+            tracing::info!(%peer, %address, connect_id, error = %e, "tunnel ended with an error")
+        }
+        None => {
+            tracing::debug!(%peer, %address, connect_id, up = stats.local_to_peer, down = stats.peer_to_local, "tunnel closed")
+        }
+    }
+}
+
+/// Decrements a gauge when the connection ends, however it ends.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn scopeguard(g: prometheus::IntGauge) -> GaugeGuard {
+    GaugeGuard(g)
+}
