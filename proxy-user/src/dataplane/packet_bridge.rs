@@ -239,3 +239,150 @@ where
         error: ending.err(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::flow::InboundQueue;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct FakePeer {
+        sent: mpsc::Receiver<Packet>,
+        queue: InboundQueue,
+    }
+
+    fn link(role: Role, half_close: bool, flow_control: bool) -> (PacketLink, FakePeer) {
+        let (to_peer, sent) = mpsc::channel(1024);
+        let (queue, from_peer) = InboundQueue::new(flow_control);
+        let link = PacketLink {
+            connect_id: 5,
+            to_peer,
+            from_peer,
+            send_window: flow_control.then(|| Arc::new(SendWindow::default())),
+            half_close,
+            role,
+        };
+        (link, FakePeer { sent, queue })
+    }
+
+    async fn next(peer: &mut FakePeer) -> PacketKind {
+        PacketKind::of(peer.sent.recv().await.expect("a packet")).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn agent_half_close_keeps_the_other_direction_open_until_both_finish() {
+        let (local, mut app) = tokio::io::duplex(1 << 16);
+        let (link, mut peer) = link(Role::Agent, true, true);
+        let bridge = tokio::spawn(bridge(local, link, Bytes::new()));
+        // The backend answers and half-closes.
+        app.write_all(b"reply").await.expect("write");
+        app.shutdown().await.expect("shutdown");
+        assert!(
+            matches!(next(&mut peer).await, PacketKind::Data { ref data, eof: false, .. } if data == "reply")
+        );
+        assert!(matches!(
+            next(&mut peer).await,
+            PacketKind::Data { eof: true, .. }
+        ));
+        // The server side still sends, then half-closes too.
+        peer.queue
+            .deliver(Bytes::from_static(b"late"))
+            .await
+            .expect("deliver");
+        peer.queue.signal(Inbound::Eof).expect("eof");
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"late");
+        assert_eq!(
+            next(&mut peer).await,
+            PacketKind::CloseResponse {
+                connect_id: 5,
+                error: None
+            }
+        );
+        let stats = bridge.await.expect("joins");
+        assert_eq!(
+            (stats.local_to_peer, stats.peer_to_local, stats.error),
+            (5, 4, None)
+        );
+    }
+
+    #[tokio::test]
+    async fn stock_agent_closes_on_backend_eof() {
+        let (local, mut app) = tokio::io::duplex(1 << 16);
+        let (link, mut peer) = link(Role::Agent, false, false);
+        let bridge = tokio::spawn(bridge(local, link, Bytes::new()));
+        app.write_all(b"x").await.expect("write");
+        drop(app);
+        assert!(matches!(next(&mut peer).await, PacketKind::Data { .. }));
+        assert_eq!(
+            next(&mut peer).await,
+            PacketKind::CloseResponse {
+                connect_id: 5,
+                error: None
+            }
+        );
+        bridge.await.expect("joins");
+    }
+
+    #[tokio::test]
+    async fn server_without_half_close_asks_to_close_and_still_delivers_until_answered() {
+        let (local, mut app) = tokio::io::duplex(1 << 16);
+        let (link, mut peer) = link(Role::Server, false, false);
+        let bridge = tokio::spawn(bridge(local, link, Bytes::from_static(b"early")));
+        assert!(
+            matches!(next(&mut peer).await, PacketKind::Data { ref data, .. } if data == "early")
+        );
+        let (mut app_read, mut app_write) = tokio::io::split(&mut app);
+        app_write.shutdown().await.expect("client EOF");
+        assert_eq!(
+            next(&mut peer).await,
+            PacketKind::CloseRequest { connect_id: 5 }
+        );
+        peer.queue
+            .deliver(Bytes::from_static(b"tail"))
+            .await
+            .expect("deliver");
+        peer.queue.signal(Inbound::Close(None)).expect("close");
+        let mut got = Vec::new();
+        app_read.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"tail");
+        assert_eq!(bridge.await.expect("joins").error, None);
+    }
+
+    #[tokio::test]
+    async fn sender_stops_at_the_window_and_resumes_on_update() {
+        let (local, mut app) = tokio::io::duplex(1 << 20);
+        let (link, mut peer) = link(Role::Agent, true, true);
+        let window = link.send_window.clone().expect("window");
+        let bridge = tokio::spawn(bridge(local, link, Bytes::new()));
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 1 << 16];
+            for _ in 0..(2 * WINDOW_BYTES / chunk.len()) {
+                app.write_all(&chunk).await.expect("write");
+            }
+            app
+        });
+        let mut received = 0;
+        while received < WINDOW_BYTES {
+            if let PacketKind::Data { data, .. } = next(&mut peer).await {
+                received += data.len();
+            }
+        }
+        assert_eq!(
+            received, WINDOW_BYTES,
+            "exactly one window before any update"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(peer.sent.try_recv().is_err(), "nothing beyond the window");
+        window.grant(WINDOW_BYTES as u64);
+        while received < 2 * WINDOW_BYTES {
+            if let PacketKind::Data { data, .. } = next(&mut peer).await {
+                received += data.len();
+            }
+        }
+        drop(writer.await.expect("writer"));
+        peer.queue.signal(Inbound::Close(None)).expect("close");
+        bridge.await.expect("joins");
+    }
+}
