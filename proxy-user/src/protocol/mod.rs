@@ -6,6 +6,7 @@
 pub mod http_connect;
 pub mod identifiers;
 pub mod packet;
+pub mod relay;
 
 pub use identifiers::AgentIdentifiers;
 pub use packet::{Features, PacketKind};
