@@ -35,11 +35,7 @@ pub struct AdminEndpoints {
 
 impl AdminEndpoints {
     fn router(self) -> Router {
-        let state = AdminState {
-            registry: self.registry,
-            ready: self.ready,
-            not_ready_status: self.not_ready_status,
-        };
+        let state = AdminState { registry: self.registry, ready: self.ready, not_ready_status: self.not_ready_status };
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/livez", get(|| async { "ok" }))
@@ -51,12 +47,9 @@ impl AdminEndpoints {
 
     /// Binds `addr` now (so a taken port fails start-up) and serves in the background.
     pub async fn serve(self, addr: SocketAddr, what: &'static str) -> Result<SocketAddr> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::io(Side::Local, format!("bind {what} port {addr}"), e))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| Error::io(Side::Local, "local_addr", e))?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|e| Error::io(Side::Local, format!("bind {what} port {addr}"), e))?;
+        let bound = listener.local_addr().map_err(|e| Error::io(Side::Local, "local_addr", e))?;
         let router = self.router();
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, router).await {
@@ -79,11 +72,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     let mut body = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&state.registry.gather(), &mut body) {
-        Ok(()) => (
-            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
-            body,
-        )
-            .into_response(),
+        Ok(()) => ([(header::CONTENT_TYPE, encoder.format_type().to_owned())], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
@@ -109,25 +98,14 @@ mod tests {
         let flag = ready.clone();
         let registry = Registry::new();
         let counter = prometheus::IntCounter::new("konduit_test_total", "test").expect("metric");
-        registry
-            .register(Box::new(counter.clone()))
-            .expect("register");
+        registry.register(Box::new(counter.clone())).expect("register");
         counter.inc();
         let endpoints = AdminEndpoints {
             registry,
-            ready: Arc::new(move || {
-                if flag.load(Ordering::SeqCst) {
-                    Ok(())
-                } else {
-                    Err("no agents".into())
-                }
-            }),
+            ready: Arc::new(move || if flag.load(Ordering::SeqCst) { Ok(()) } else { Err("no agents".into()) }),
             not_ready_status: StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let addr = endpoints
-            .serve("127.0.0.1:0".parse().expect("addr"), "health")
-            .await
-            .expect("serve");
+        let addr = endpoints.serve("127.0.0.1:0".parse().expect("addr"), "health").await.expect("serve");
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         let not_ready = get(addr, "/readyz").await;
         assert!(not_ready.starts_with("HTTP/1.1 500") && not_ready.ends_with("no agents"));

@@ -55,10 +55,7 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether the same operation may succeed if tried again later.
     pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::Io | ErrorKind::Timeout | ErrorKind::NoAgent | ErrorKind::Closed
-        )
+        matches!(self, ErrorKind::Io | ErrorKind::Timeout | ErrorKind::NoAgent | ErrorKind::Closed)
     }
 }
 
@@ -94,12 +91,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(side: Side, kind: ErrorKind, context: impl Into<String>) -> Self {
-        Error {
-            side,
-            kind,
-            context: context.into(),
-            cause: None,
-        }
+        Error { side, kind, context: context.into(), cause: None }
     }
 
     /// Attaches the underlying error.
@@ -123,11 +115,7 @@ impl Error {
 
     /// An I/O failure attributed to `side`, classified as timeout where it is one.
     pub fn io(side: Side, context: impl Into<String>, err: std::io::Error) -> Self {
-        let kind = if err.kind() == std::io::ErrorKind::TimedOut {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Io
-        };
+        let kind = if err.kind() == std::io::ErrorKind::TimedOut { ErrorKind::Timeout } else { ErrorKind::Io };
         Error::new(side, kind, context).because(err)
     }
 
@@ -154,10 +142,7 @@ mod tests {
         let err = Error::io(Side::Backend, "dial 10.0.0.1:10250", io);
         assert_eq!(err.kind, ErrorKind::Timeout);
         assert!(err.retryable());
-        assert_eq!(
-            err.chain(),
-            "backend timeout: dial 10.0.0.1:10250: deadline"
-        );
+        assert_eq!(err.chain(), "backend timeout: dial 10.0.0.1:10250: deadline");
         assert!(!Error::config("bad flag").retryable());
     }
 }

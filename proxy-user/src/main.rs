@@ -26,10 +26,7 @@ fn role_and_args() -> anyhow::Result<(Role, Vec<OsString>)> {
         "proxy-agent" => return Ok((Role::Agent, argv)),
         _ => {}
     }
-    let sub = argv
-        .get(1)
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let sub = argv.get(1).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let role = match sub.as_str() {
         "server" | "proxy-server" => Role::Server,
         "agent" | "proxy-agent" => Role::Agent,
@@ -43,11 +40,7 @@ fn role_and_args() -> anyhow::Result<(Role, Vec<OsString>)> {
         ),
     };
     // Drop the subcommand so flags parse as they would for proxy-server/proxy-agent.
-    let name = if matches!(role, Role::Server) {
-        "proxy-server"
-    } else {
-        "proxy-agent"
-    };
+    let name = if matches!(role, Role::Server) { "proxy-server" } else { "proxy-agent" };
     argv.remove(1);
     argv[0] = OsString::from(name);
     Ok((role, argv))
@@ -55,18 +48,14 @@ fn role_and_args() -> anyhow::Result<(Role, Vec<OsString>)> {
 
 fn main() -> anyhow::Result<()> {
     let (role, argv) = role_and_args()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start tokio runtime")?;
     runtime.block_on(async move {
         let (trigger, shutdown) = shutdown::channel();
         let result = match role {
             Role::Server => {
                 let args: ServerArgs = config::parse_with_file(argv)?;
                 args.klog.init_logging();
-                shutdown::install_signal_handlers(trigger.clone())
-                    .context("install signal handlers")?;
+                shutdown::install_signal_handlers(trigger.clone()).context("install signal handlers")?;
                 tokio::select! {
                     r = konduit::server::run(args, shutdown.clone()) => r,
                     // SIGINT: do not wait for anything.
@@ -76,8 +65,7 @@ fn main() -> anyhow::Result<()> {
             Role::Agent => {
                 let args: AgentArgs = config::parse_with_file(argv)?;
                 args.klog.init_logging();
-                shutdown::install_signal_handlers(trigger.clone())
-                    .context("install signal handlers")?;
+                shutdown::install_signal_handlers(trigger.clone()).context("install signal handlers")?;
                 tokio::select! {
                     r = konduit::agent::run(args, shutdown.clone()) => r,
                     _ = shutdown.reached(Phase::Stopping) => Ok(()),

@@ -35,11 +35,7 @@ fn gauge_vec(r: &Registry, o: Opts, labels: &[&str]) -> IntGaugeVec {
 }
 
 fn histogram(r: &Registry, name: String, help: &str, buckets: Vec<f64>) -> Histogram {
-    register(
-        r,
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-            .expect("valid metric"),
-    )
+    register(r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric"))
 }
 
 /// Per-engine connection and byte counts, shared by server and agent.
@@ -47,6 +43,7 @@ fn histogram(r: &Registry, name: String, help: &str, buckets: Vec<f64>) -> Histo
 pub struct DataplaneMetrics {
     pub connections: IntCounterVec,
     pub bytes: IntCounterVec,
+    pub fallbacks: IntCounterVec,
 }
 
 impl DataplaneMetrics {
@@ -54,19 +51,18 @@ impl DataplaneMetrics {
         DataplaneMetrics {
             connections: counter_vec(
                 r,
-                Opts::new(
-                    "konduit_dataplane_connections_total",
-                    "Tunnelled connections by engine",
-                ),
+                Opts::new("konduit_dataplane_connections_total", "Tunnelled connections by engine"),
                 &["engine"],
             ),
             bytes: counter_vec(
                 r,
-                Opts::new(
-                    "konduit_dataplane_bytes_total",
-                    "Tunnelled bytes by engine and direction",
-                ),
+                Opts::new("konduit_dataplane_bytes_total", "Tunnelled bytes by engine and direction"),
                 &["engine", "direction"],
+            ),
+            fallbacks: counter_vec(
+                r,
+                Opts::new("konduit_dataplane_fallbacks_total", "Connections that fell back from the preferred path"),
+                &["reason"],
             ),
         }
     }
@@ -74,12 +70,8 @@ impl DataplaneMetrics {
     /// Records one finished connection.
     pub fn record(&self, engine: EngineKind, to_node: u64, from_node: u64) {
         self.connections.with_label_values(&[engine.as_str()]).inc();
-        self.bytes
-            .with_label_values(&[engine.as_str(), "to_node"])
-            .inc_by(to_node);
-        self.bytes
-            .with_label_values(&[engine.as_str(), "from_node"])
-            .inc_by(from_node);
+        self.bytes.with_label_values(&[engine.as_str(), "to_node"]).inc_by(to_node);
+        self.bytes.with_label_values(&[engine.as_str(), "from_node"]).inc_by(from_node);
     }
 }
 
@@ -105,9 +97,7 @@ impl ServerMetrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let fast = vec![1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
-        let long = vec![
-            1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
-        ];
+        let long = vec![1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0];
         ServerMetrics {
             dial_duration: histogram(
                 &r,
@@ -123,59 +113,28 @@ impl ServerMetrics {
             ),
             grpc_connections: gauge_vec(
                 &r,
-                opts(
-                    SERVER,
-                    "grpc_connections",
-                    "Open gRPC streams by service method",
-                ),
+                opts(SERVER, "grpc_connections", "Open gRPC streams by service method"),
                 &["service_method"],
             ),
-            http_connections: gauge(
-                &r,
-                opts(
-                    SERVER,
-                    "http_connections",
-                    "Open HTTP-CONNECT frontend connections",
-                ),
-            ),
+            http_connections: gauge(&r, opts(SERVER, "http_connections", "Open HTTP-CONNECT frontend connections")),
             ready_backend_connections: gauge(
                 &r,
-                opts(
-                    SERVER,
-                    "ready_backend_connections",
-                    "Connected agents (deprecated: see ready_backends)",
-                ),
+                opts(SERVER, "ready_backend_connections", "Connected agents (deprecated: see ready_backends)"),
             ),
             ready_backends: gauge_vec(
                 &r,
-                opts(
-                    SERVER,
-                    "ready_backends",
-                    "Agents available per proxy strategy",
-                ),
+                opts(SERVER, "ready_backends", "Agents available per proxy strategy"),
                 &["proxy_strategy"],
             ),
             pending_backend_dials: gauge(
                 &r,
-                opts(
-                    SERVER,
-                    "pending_backend_dials",
-                    "Dials waiting for an agent's answer",
-                ),
+                opts(SERVER, "pending_backend_dials", "Dials waiting for an agent's answer"),
             ),
             established_connections: gauge(
                 &r,
-                opts(
-                    SERVER,
-                    "established_connections",
-                    "Established tunnelled connections",
-                ),
+                opts(SERVER, "established_connections", "Established tunnelled connections"),
             ),
-            dial_failures: counter_vec(
-                &r,
-                opts(SERVER, "dial_failure_count", "Failed dials by reason"),
-                &["reason"],
-            ),
+            dial_failures: counter_vec(&r, opts(SERVER, "dial_failure_count", "Failed dials by reason"), &["reason"]),
             stream_packets: counter_vec(
                 &r,
                 opts(SERVER, "stream_packets_total", "Packets on gRPC streams"),
@@ -225,32 +184,17 @@ impl AgentMetrics {
             ),
             endpoint_dial_failures: counter_vec(
                 &r,
-                opts(
-                    AGENT,
-                    "endpoint_dial_failure_total",
-                    "Failed dials to endpoints by reason",
-                ),
+                opts(AGENT, "endpoint_dial_failure_total", "Failed dials to endpoints by reason"),
                 &["reason"],
             ),
-            open_server_connections: gauge(
-                &r,
-                opts(AGENT, "open_server_connections", "Open sessions to servers"),
-            ),
+            open_server_connections: gauge(&r, opts(AGENT, "open_server_connections", "Open sessions to servers")),
             known_server_count: gauge(
                 &r,
-                opts(
-                    AGENT,
-                    "known_server_count",
-                    "Servers the agent knows of (servercount)",
-                ),
+                opts(AGENT, "known_server_count", "Servers the agent knows of (servercount)"),
             ),
             open_endpoint_connections: gauge(
                 &r,
-                opts(
-                    AGENT,
-                    "open_endpoint_connections",
-                    "Open connections to endpoints",
-                ),
+                opts(AGENT, "open_endpoint_connections", "Open connections to endpoints"),
             ),
             stream_packets: counter_vec(
                 &r,
@@ -264,11 +208,7 @@ impl AgentMetrics {
             ),
             server_connection_failures: counter_vec(
                 &r,
-                opts(
-                    AGENT,
-                    "server_connection_failure_count",
-                    "Failed session attempts",
-                ),
+                opts(AGENT, "server_connection_failure_count", "Failed session attempts"),
                 &["direction"],
             ),
             dataplane: DataplaneMetrics::new(&r),
@@ -286,9 +226,7 @@ impl Default for AgentMetrics {
 /// The stock `packet_type` label for a packet type number.
 pub fn packet_type_label(kind: i32) -> &'static str {
     use crate::protocol::pb::PacketType;
-    PacketType::try_from(kind)
-        .map(|t| t.as_str_name())
-        .unwrap_or("Unknown")
+    PacketType::try_from(kind).map(|t| t.as_str_name()).unwrap_or("Unknown")
 }
 
 /// Histogram buckets are labelled in seconds.

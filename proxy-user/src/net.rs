@@ -20,9 +20,8 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(stream);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
@@ -44,11 +43,9 @@ pub async fn bind_tcp(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 
 pub fn bind_unix(path: &str, delete_existing: bool) -> Result<UnixListener> {
     if delete_existing && Path::new(path).exists() {
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(Side::Local, format!("remove stale socket {path}"), e))?;
+        std::fs::remove_file(path).map_err(|e| Error::io(Side::Local, format!("remove stale socket {path}"), e))?;
     }
-    UnixListener::bind(path)
-        .map_err(|e| Error::io(Side::Local, format!("bind unix socket {path}"), e))
+    UnixListener::bind(path).map_err(|e| Error::io(Side::Local, format!("bind unix socket {path}"), e))
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a

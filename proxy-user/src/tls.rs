@@ -30,36 +30,24 @@ pub fn load_certs(path: &str) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 pub fn load_key(path: &str) -> Result<PrivateKeyDer<'static>> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| Error::config(format!("read private key from {path}")).because(e))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::config(format!("read private key from {path}")).because(e))
 }
 
 fn load_roots(path: &str) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| {
-            Error::config(format!("CA certificate in {path} is unusable")).because(e)
-        })?;
+        roots.add(cert).map_err(|e| Error::config(format!("CA certificate in {path} is unusable")).because(e))?;
     }
     Ok(Arc::new(roots))
 }
 
 /// The crypto provider and protocol versions the operator allowed.
-fn policy(
-    flags: &TlsFlags,
-) -> Result<(Arc<CryptoProvider>, Vec<&'static SupportedProtocolVersion>)> {
+fn policy(flags: &TlsFlags) -> Result<(Arc<CryptoProvider>, Vec<&'static SupportedProtocolVersion>)> {
     let mut provider = rustls::crypto::ring::default_provider();
     if !flags.cipher_suites.is_empty() {
-        let wanted: Vec<String> = flags
-            .cipher_suites
-            .iter()
-            .map(|s| s.trim().to_owned())
-            .collect();
+        let wanted: Vec<String> = flags.cipher_suites.iter().map(|s| s.trim().to_owned()).collect();
         for name in &wanted {
-            let known = provider
-                .cipher_suites
-                .iter()
-                .any(|s| format!("{:?}", s.suite()) == *name);
+            let known = provider.cipher_suites.iter().any(|s| format!("{:?}", s.suite()) == *name);
             if !known {
                 return Err(Error::config(format!(
                     "--cipher-suites: {name} is not a supported suite (supported TLS 1.2 suites: {})",
@@ -74,9 +62,9 @@ fn policy(
             }
         }
         // Go's flag selects TLS 1.2 suites only; TLS 1.3 suites stay on.
-        provider.cipher_suites.retain(|s| {
-            s.version() == &rustls::version::TLS13 || wanted.contains(&format!("{:?}", s.suite()))
-        });
+        provider
+            .cipher_suites
+            .retain(|s| s.version() == &rustls::version::TLS13 || wanted.contains(&format!("{:?}", s.suite())));
     }
     let versions: Vec<&'static SupportedProtocolVersion> = match flags.tls_min_version.as_str() {
         "" | "VersionTLS10" | "VersionTLS11" | "VersionTLS12" => {
@@ -84,15 +72,10 @@ fn policy(
         }
         "VersionTLS13" => vec![&rustls::version::TLS13],
         other => {
-            return Err(Error::config(format!(
-                "--tls-min-version={other}: expected VersionTLS12 or VersionTLS13"
-            )));
+            return Err(Error::config(format!("--tls-min-version={other}: expected VersionTLS12 or VersionTLS13")));
         }
     };
-    if matches!(
-        flags.tls_min_version.as_str(),
-        "VersionTLS10" | "VersionTLS11"
-    ) {
+    if matches!(flags.tls_min_version.as_str(), "VersionTLS10" | "VersionTLS11") {
         tracing::warn!(version = %flags.tls_min_version, "TLS below 1.2 is not supported; using TLS 1.2 as the minimum");
     }
     Ok((Arc::new(provider), versions))
@@ -147,9 +130,8 @@ pub fn client_config(
             .map_err(|e| Error::config(format!("client certificate {cert}")).because(e))?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = std::iter::once(ALPN_H2.to_vec())
-        .chain(extra_alpn.iter().map(|p| p.as_bytes().to_vec()))
-        .collect();
+    config.alpn_protocols =
+        std::iter::once(ALPN_H2.to_vec()).chain(extra_alpn.iter().map(|p| p.as_bytes().to_vec())).collect();
     Ok(Arc::new(config))
 }
 
@@ -158,21 +140,13 @@ mod tests {
     use super::*;
 
     fn flags(suites: &[&str], min: &str) -> TlsFlags {
-        TlsFlags {
-            cipher_suites: suites.iter().map(|s| s.to_string()).collect(),
-            tls_min_version: min.into(),
-        }
+        TlsFlags { cipher_suites: suites.iter().map(|s| s.to_string()).collect(), tls_min_version: min.into() }
     }
 
     #[test]
     fn cipher_policy_accepts_go_names_and_rejects_unknown_ones() {
-        let (provider, _) =
-            policy(&flags(&["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"], "")).expect("known suite");
-        let tls12: Vec<_> = provider
-            .cipher_suites
-            .iter()
-            .filter(|s| s.version() == &rustls::version::TLS12)
-            .collect();
+        let (provider, _) = policy(&flags(&["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"], "")).expect("known suite");
+        let tls12: Vec<_> = provider.cipher_suites.iter().filter(|s| s.version() == &rustls::version::TLS12).collect();
         assert_eq!(tls12.len(), 1);
         let err = policy(&flags(&["TLS_RSA_WITH_RC4_128_SHA"], "")).expect_err("insecure suite");
         assert!(err.to_string().contains("cipher-suites"));

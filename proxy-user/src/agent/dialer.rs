@@ -7,15 +7,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// Dials `address` (`host:port`) over TCP within `timeout`.
-pub async fn dial_tcp(
-    protocol: &str,
-    address: &str,
-    timeout: Duration,
-) -> Result<TcpStream, String> {
+pub async fn dial_tcp(protocol: &str, address: &str, timeout: Duration) -> Result<TcpStream, String> {
     if !matches!(protocol, "tcp" | "tcp4" | "tcp6") {
-        return Err(format!(
-            "dial {protocol} {address}: unknown network {protocol}"
-        ));
+        return Err(format!("dial {protocol} {address}: unknown network {protocol}"));
     }
     match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Err(_) => Err(format!("dial tcp {address}: i/o timeout")),
@@ -46,18 +40,10 @@ mod tests {
     #[tokio::test]
     async fn refused_and_unsupported_dials_say_why_in_stock_words() {
         // Bind then drop to find a port nothing listens on.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let err = dial_tcp("tcp", &format!("127.0.0.1:{port}"), Duration::from_secs(1))
-            .await
-            .expect_err("refused");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let err = dial_tcp("tcp", &format!("127.0.0.1:{port}"), Duration::from_secs(1)).await.expect_err("refused");
         assert!(err.ends_with("connect: connection refused"), "{err}");
-        let err = dial_tcp("udp", "127.0.0.1:53", Duration::from_secs(1))
-            .await
-            .expect_err("unsupported");
+        let err = dial_tcp("udp", "127.0.0.1:53", Duration::from_secs(1)).await.expect_err("unsupported");
         assert!(err.contains("unknown network"), "{err}");
     }
 }

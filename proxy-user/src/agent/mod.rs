@@ -3,6 +3,7 @@
 //! drains on SIGTERM. Wired from validated [`AgentArgs`].
 
 mod dialer;
+mod relay;
 mod session;
 
 use std::collections::HashMap;
@@ -39,11 +40,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap,
-            current: base,
-        }
+        Backoff { base, cap, current: base }
     }
 
     /// The pause after a failure (grows up to the cap).
@@ -72,11 +69,7 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
     for warning in args.unenforced() {
         tracing::warn!("{warning}");
     }
-    let agent_id = if args.agent_id.is_empty() {
-        crate::config::random_id()
-    } else {
-        args.agent_id.clone()
-    };
+    let agent_id = if args.agent_id.is_empty() { crate::config::random_id() } else { args.agent_id.clone() };
     let metrics = AgentMetrics::new();
     let sessions: Sessions = Arc::default();
 
@@ -89,14 +82,8 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         }
     });
     for (addr, what) in [
-        (
-            listen_addr(&args.health_server_host, args.health_server_port)?,
-            "health",
-        ),
-        (
-            listen_addr(&args.admin_bind_address, args.admin_server_port)?,
-            "admin",
-        ),
+        (listen_addr(&args.health_server_host, args.health_server_port)?, "health"),
+        (listen_addr(&args.admin_bind_address, args.admin_server_port)?, "admin"),
     ] {
         AdminEndpoints {
             registry: metrics.registry.clone(),
@@ -107,28 +94,24 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         .await?;
     }
 
-    let identity = (!args.agent_cert.is_empty())
-        .then_some((args.agent_cert.as_str(), args.agent_key.as_str()));
+    let identity = (!args.agent_cert.is_empty()).then_some((args.agent_cert.as_str(), args.agent_key.as_str()));
     let settings = Arc::new(SessionSettings {
         host: args.proxy_server_host.clone(),
         port: args.proxy_server_port,
         tls: tls::client_config(&args.ca_cert, identity, &args.alpn_proto, &args.tls)?,
         agent_id: agent_id.clone(),
         identifiers: args.agent_identifiers.clone(),
-        token_path: (!args.service_account_token_path.is_empty())
-            .then(|| args.service_account_token_path.clone()),
+        token_path: (!args.service_account_token_path.is_empty()).then(|| args.service_account_token_path.clone()),
         keepalive: args.keepalive_time,
         dial_timeout: args.dial_timeout,
+        relay: args.relay,
+        relay_plaintext_ports: args.relay_plaintext_ports.clone(),
+        relay_pool_size: args.relay_pool_size,
         metrics: metrics.clone(),
     });
     tracing::info!(%agent_id, server = %format!("{}:{}", args.proxy_server_host, args.proxy_server_port), "agent starting");
 
-    let sync = tokio::spawn(sync_sessions(
-        args.clone(),
-        settings,
-        sessions.clone(),
-        shutdown.clone(),
-    ));
+    let sync = tokio::spawn(sync_sessions(args.clone(), settings, sessions.clone(), shutdown.clone()));
     shutdown.reached(Phase::Draining).await;
     if shutdown.phase() == Phase::Draining {
         drain(&sessions, args.graceful_shutdown_timeout, &shutdown).await;
@@ -144,11 +127,7 @@ async fn drain(sessions: &Sessions, grace: Duration, shutdown: &Shutdown) {
     for s in &open {
         s.send_drain().await;
     }
-    tracing::info!(
-        sessions = open.len(),
-        ?grace,
-        "draining: DRAIN sent; finishing open connections"
-    );
+    tracing::info!(sessions = open.len(), ?grace, "draining: DRAIN sent; finishing open connections");
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         let remaining: usize = lock(sessions).values().map(|s| s.connection_count()).sum();
@@ -156,10 +135,7 @@ async fn drain(sessions: &Sessions, grace: Duration, shutdown: &Shutdown) {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                remaining,
-                "grace period over; closing remaining connections"
-            );
+            tracing::warn!(remaining, "grace period over; closing remaining connections");
             break;
         }
         tokio::select! {
@@ -171,12 +147,7 @@ async fn drain(sessions: &Sessions, grace: Duration, shutdown: &Shutdown) {
 
 /// Keeps one session per server: opens sessions until `servercount` distinct
 /// servers are connected (or forever with --sync-forever).
-async fn sync_sessions(
-    args: AgentArgs,
-    settings: Arc<SessionSettings>,
-    sessions: Sessions,
-    shutdown: Shutdown,
-) {
+async fn sync_sessions(args: AgentArgs, settings: Arc<SessionSettings>, sessions: Sessions, shutdown: Shutdown) {
     let mut backoff = Backoff::new(args.sync_interval, args.sync_interval_cap);
     let mut server_count: u32 = 1;
     loop {
@@ -188,10 +159,7 @@ async fn sync_sessions(
             match session::open(&settings).await {
                 Ok(open) => {
                     server_count = open.server_count.max(1);
-                    settings
-                        .metrics
-                        .known_server_count
-                        .set(i64::from(server_count));
+                    settings.metrics.known_server_count.set(i64::from(server_count));
                     let server_id = open.server_id.clone();
                     if lock(&sessions).contains_key(&server_id) {
                         // The load balancer sent us to a server we already have;
@@ -213,11 +181,7 @@ async fn sync_sessions(
                     }
                 }
                 Err(e) => {
-                    settings
-                        .metrics
-                        .server_connection_failures
-                        .with_label_values(&["to_server"])
-                        .inc();
+                    settings.metrics.server_connection_failures.with_label_values(&["to_server"]).inc();
                     let pause = backoff.failed();
                     tracing::warn!(error = %e.chain(), retry_in = ?pause, "cannot open a session");
                     pause
@@ -242,9 +206,7 @@ mod tests {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(3));
         let pauses: Vec<_> = (0..5).map(|_| b.failed()).collect();
         assert!(pauses[0] >= Duration::from_secs(1) && pauses[0] < Duration::from_millis(1100));
-        assert!(
-            pauses[1] >= Duration::from_millis(1500) && pauses[1] < Duration::from_millis(1650)
-        );
+        assert!(pauses[1] >= Duration::from_millis(1500) && pauses[1] < Duration::from_millis(1650));
         assert!(pauses[4] >= Duration::from_secs(3) && pauses[4] < Duration::from_millis(3300));
         let after = b.succeeded();
         assert!(after < Duration::from_millis(1100));

@@ -55,15 +55,10 @@ impl KlogFlags {
     pub fn init_logging(&self) {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(self.default_filter()));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .try_init();
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).try_init();
         if !self.log_file.is_empty() || !self.log_dir.is_empty() {
-            tracing::warn!(
-                "--log-file/--log-dir are accepted for compatibility; konduit logs to stderr"
-            );
+            tracing::warn!("--log-file/--log-dir are accepted for compatibility; konduit logs to stderr");
         }
     }
 }

@@ -55,9 +55,7 @@ fn parse_strategies(s: &str) -> std::result::Result<Vec<ProxyStrategy>, String> 
             "destHost" => Ok(ProxyStrategy::DestHost),
             "defaultRoute" => Ok(ProxyStrategy::DefaultRoute),
             "cidr" => Ok(ProxyStrategy::Cidr),
-            other => Err(format!(
-                "unknown proxy strategy {other:?} (expected default, destHost, defaultRoute, cidr)"
-            )),
+            other => Err(format!("unknown proxy strategy {other:?} (expected default, destHost, defaultRoute, cidr)")),
         })
         .collect()
 }
@@ -66,8 +64,7 @@ fn bind_ip(s: &str) -> Result<IpAddr> {
     if s.is_empty() {
         return Ok(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
     }
-    s.parse()
-        .map_err(|_| Error::config(format!("bind address {s:?} is not an IP address")))
+    s.parse().map_err(|_| Error::config(format!("bind address {s:?} is not an IP address")))
 }
 
 /// A listen address from a stock bind-address flag ("" = all interfaces) and port.
@@ -158,6 +155,14 @@ pub struct ServerArgs {
     /// Deadline for a client to send its whole HTTP-CONNECT request header.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub http_connect_header_timeout: Duration,
+
+    /// konduit: offer relay sockets (one raw socket per tunnelled connection) to konduit agents.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub relay: bool,
+    /// konduit: host:port agents open relay sockets to, when it differs from the address they
+    /// reached this server at (HA behind a load balancer: this server's own reachable address).
+    #[arg(long, default_value = "")]
+    pub relay_advertise_address: String,
 
     // Token review of agents. Accepted so stock manifests start; see `unenforced`.
     #[arg(long, default_value = "")]
@@ -275,6 +280,18 @@ pub struct AgentArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub probe_interval: Duration,
 
+    /// konduit: carry tunnelled bytes on relay sockets when the server offers them.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set)]
+    pub relay: bool,
+    /// konduit: destination ports whose traffic may use a plaintext relay socket (the payload
+    /// is end-to-end TLS already, e.g. the kubelet's 10250, or the node network is trusted).
+    /// Other ports use a TLS relay.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "10250")]
+    pub relay_plaintext_ports: Vec<u16>,
+    /// konduit: relay sockets kept open and authenticated ahead of dials, per server.
+    #[arg(long, default_value_t = 8)]
+    pub relay_pool_size: usize,
+
     /// konduit: timeout for dialling a destination (stock: fixed 5s).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
@@ -305,11 +322,7 @@ pub struct AgentStockOnlyFlags {
     pub count_server_leases: bool,
     #[arg(long, default_value = "kube-system")]
     pub lease_namespace: String,
-    #[arg(
-        long,
-        alias = "lease-label",
-        default_value = "k8s-app=konnectivity-server"
-    )]
+    #[arg(long, alias = "lease-label", default_value = "k8s-app=konnectivity-server")]
     pub lease_label_selector: String,
     #[arg(long, default_value = "default")]
     pub server_count_source: String,
@@ -327,8 +340,7 @@ pub fn parse_with_file<P: Parser>(argv: Vec<OsString>) -> Result<P> {
     };
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::config(format!("read config file {}", path.display())).because(e))?;
-    let from_file = yaml_to_flags(&text)
-        .map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
+    let from_file = yaml_to_flags(&text).map_err(|e| Error::config(format!("config file {}: {e}", path.display())))?;
     // File values come first so that any flag given on the command line overrides them.
     let mut merged = vec![argv[0].clone()];
     merged.extend(from_file.into_iter().map(OsString::from));
@@ -377,17 +389,13 @@ pub fn yaml_to_flags(text: &str) -> std::result::Result<Vec<String>, String> {
                 serde_yaml::Value::String(s) => Ok(s.clone()),
                 serde_yaml::Value::Bool(b) => Ok(b.to_string()),
                 serde_yaml::Value::Number(n) => Ok(n.to_string()),
-                _ => Err(format!(
-                    "value of {key:?} must be a scalar or a list of scalars"
-                )),
+                _ => Err(format!("value of {key:?} must be a scalar or a list of scalars")),
             }
         };
         let rendered = match &value {
-            serde_yaml::Value::Sequence(items) => items
-                .iter()
-                .map(scalar)
-                .collect::<std::result::Result<Vec<_>, _>>()?
-                .join(","),
+            serde_yaml::Value::Sequence(items) => {
+                items.iter().map(scalar).collect::<std::result::Result<Vec<_>, _>>()?.join(",")
+            }
             other => scalar(other)?,
         };
         flags.push(format!("--{key}={rendered}"));
@@ -398,9 +406,7 @@ pub fn yaml_to_flags(text: &str) -> std::result::Result<Vec<String>, String> {
 fn check_port(name: &str, port: u16, allow_zero: bool) -> Result<()> {
     // Stock refuses ephemeral ports, which the kernel may hand to outgoing connections.
     if port > 49151 {
-        return Err(Error::config(format!(
-            "--{name}={port} is in the ephemeral range (> 49151)"
-        )));
+        return Err(Error::config(format!("--{name}={port} is in the ephemeral range (> 49151)")));
     }
     if port == 0 && !allow_zero {
         return Err(Error::config(format!("--{name} must be set")));
@@ -410,15 +416,11 @@ fn check_port(name: &str, port: u16, allow_zero: bool) -> Result<()> {
 
 fn check_pair(cert_flag: &str, cert: &str, key_flag: &str, key: &str) -> Result<()> {
     if cert.is_empty() != key.is_empty() {
-        return Err(Error::config(format!(
-            "--{cert_flag} and --{key_flag} must be set together"
-        )));
+        return Err(Error::config(format!("--{cert_flag} and --{key_flag} must be set together")));
     }
     for (flag, path) in [(cert_flag, cert), (key_flag, key)] {
         if !path.is_empty() && !std::path::Path::new(path).exists() {
-            return Err(Error::config(format!(
-                "--{flag}={path}: file does not exist"
-            )));
+            return Err(Error::config(format!("--{flag}={path}: file does not exist")));
         }
     }
     Ok(())
@@ -433,14 +435,9 @@ impl ServerArgs {
         check_port("server-port", self.server_port, !self.uds_name.is_empty())?;
         if !self.uds_name.is_empty() {
             if self.server_port != 0 {
-                return Err(Error::config(
-                    "--server-port must be 0 when --uds-name is set",
-                ));
+                return Err(Error::config("--server-port must be 0 when --uds-name is set"));
             }
-            if !(self.server_cert.is_empty()
-                && self.server_key.is_empty()
-                && self.server_ca_cert.is_empty())
-            {
+            if !(self.server_cert.is_empty() && self.server_key.is_empty() && self.server_ca_cert.is_empty()) {
                 return Err(Error::config(
                     "--server-cert/--server-key/--server-ca-cert do not apply to --uds-name (unix sockets are plaintext)",
                 ));
@@ -451,47 +448,24 @@ impl ServerArgs {
                     "the TCP frontend requires mTLS: set --server-cert, --server-key and --server-ca-cert (or use --uds-name)",
                 ));
             }
-            check_pair(
-                "server-cert",
-                &self.server_cert,
-                "server-key",
-                &self.server_key,
-            )?;
+            check_pair("server-cert", &self.server_cert, "server-key", &self.server_key)?;
         }
         if self.cluster_cert.is_empty() {
-            return Err(Error::config(
-                "--cluster-cert and --cluster-key are required (agent listener TLS)",
-            ));
+            return Err(Error::config("--cluster-cert and --cluster-key are required (agent listener TLS)"));
         }
-        check_pair(
-            "cluster-cert",
-            &self.cluster_cert,
-            "cluster-key",
-            &self.cluster_key,
-        )?;
-        for (flag, path) in [
-            ("server-ca-cert", &self.server_ca_cert),
-            ("cluster-ca-cert", &self.cluster_ca_cert),
-        ] {
+        check_pair("cluster-cert", &self.cluster_cert, "cluster-key", &self.cluster_key)?;
+        for (flag, path) in [("server-ca-cert", &self.server_ca_cert), ("cluster-ca-cert", &self.cluster_ca_cert)] {
             if !path.is_empty() && !std::path::Path::new(path).exists() {
-                return Err(Error::config(format!(
-                    "--{flag}={path}: file does not exist"
-                )));
+                return Err(Error::config(format!("--{flag}={path}: file does not exist")));
             }
         }
         if self.server_count == 0 {
             return Err(Error::config("--server-count must be at least 1"));
         }
         if self.proxy_strategies.is_empty() {
-            return Err(Error::config(
-                "--proxy-strategies must name at least one strategy",
-            ));
+            return Err(Error::config("--proxy-strategies must name at least one strategy"));
         }
-        let token_flags = [
-            &self.agent_namespace,
-            &self.agent_service_account,
-            &self.authentication_audience,
-        ];
+        let token_flags = [&self.agent_namespace, &self.agent_service_account, &self.authentication_audience];
         let set = token_flags.iter().filter(|f| !f.is_empty()).count();
         if set != 0 && set != token_flags.len() {
             return Err(Error::config(
@@ -504,15 +478,10 @@ impl ServerArgs {
             ));
         }
         if !self.kubeconfig.is_empty() && !std::path::Path::new(&self.kubeconfig).exists() {
-            return Err(Error::config(format!(
-                "--kubeconfig={}: file does not exist",
-                self.kubeconfig
-            )));
+            return Err(Error::config(format!("--kubeconfig={}: file does not exist", self.kubeconfig)));
         }
         if self.http_connect_max_header_bytes < 256 {
-            return Err(Error::config(
-                "--http-connect-max-header-bytes must be at least 256",
-            ));
+            return Err(Error::config("--http-connect-max-header-bytes must be at least 256"));
         }
         Ok(())
     }
@@ -540,29 +509,20 @@ impl ServerArgs {
 impl AgentArgs {
     pub fn validate(&self) -> Result<()> {
         if self.ca_cert.is_empty() {
-            return Err(Error::config(
-                "--ca-cert is required (CA of the server's agent-listener certificate)",
-            ));
+            return Err(Error::config("--ca-cert is required (CA of the server's agent-listener certificate)"));
         }
         if !std::path::Path::new(&self.ca_cert).exists() {
-            return Err(Error::config(format!(
-                "--ca-cert={}: file does not exist",
-                self.ca_cert
-            )));
+            return Err(Error::config(format!("--ca-cert={}: file does not exist", self.ca_cert)));
         }
         check_pair("agent-cert", &self.agent_cert, "agent-key", &self.agent_key)?;
         if self.proxy_server_port == 0 {
             return Err(Error::config("--proxy-server-port must be set"));
         }
         if self.health_server_port == 0 || self.admin_server_port == 0 {
-            return Err(Error::config(
-                "--health-server-port and --admin-server-port must be set",
-            ));
+            return Err(Error::config("--health-server-port and --admin-server-port must be set"));
         }
         if self.sync_interval_cap < self.sync_interval {
-            return Err(Error::config(
-                "--sync-interval-cap must be at least --sync-interval",
-            ));
+            return Err(Error::config("--sync-interval-cap must be at least --sync-interval"));
         }
         if self.dial_timeout.is_zero() {
             return Err(Error::config("--dial-timeout must be positive"));
@@ -587,9 +547,7 @@ impl AgentArgs {
             out.push("--enable-profiling: Go pprof endpoints have no konduit equivalent".into());
         }
         if s.count_server_leases {
-            out.push(
-                "--count-server-leases: server count comes from the servercount header only".into(),
-            );
+            out.push("--count-server-leases: server count comes from the servercount header only".into());
         }
         out
     }
@@ -603,14 +561,7 @@ pub fn random_id() -> String {
     use rand::Rng;
     let bits: u128 = rand::rng().random();
     let hex = format!("{bits:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 #[cfg(test)]
@@ -677,17 +628,9 @@ mod tests {
         .expect("parses");
         assert!(!parsed.delete_existing_uds_file);
         assert_eq!(parsed.backend_dial_timeout, Duration::from_secs(90));
-        assert_eq!(
-            parsed.proxy_strategies,
-            vec![ProxyStrategy::DestHost, ProxyStrategy::Default]
-        );
-        let bad =
-            parse_with_file::<ServerArgs>(args(&["proxy-server", "--proxy-strategies=nearest"]));
-        assert!(
-            bad.unwrap_err()
-                .to_string()
-                .contains("unknown proxy strategy")
-        );
+        assert_eq!(parsed.proxy_strategies, vec![ProxyStrategy::DestHost, ProxyStrategy::Default]);
+        let bad = parse_with_file::<ServerArgs>(args(&["proxy-server", "--proxy-strategies=nearest"]));
+        assert!(bad.unwrap_err().to_string().contains("unknown proxy strategy"));
     }
 
     #[test]
@@ -695,29 +638,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("konduit-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("server.yaml");
-        std::fs::write(
-            &file,
-            "agent-port: 9000\nadmin-port: 9001\ncipher-suites: [A, B]\n",
-        )
-        .expect("write");
-        let parsed: ServerArgs = parse_with_file(args(&[
-            "proxy-server",
-            &format!("--config={}", file.display()),
-            "--agent-port=9100",
-        ]))
-        .expect("parses");
+        std::fs::write(&file, "agent-port: 9000\nadmin-port: 9001\ncipher-suites: [A, B]\n").expect("write");
+        let parsed: ServerArgs =
+            parse_with_file(args(&["proxy-server", &format!("--config={}", file.display()), "--agent-port=9100"]))
+                .expect("parses");
         assert_eq!(parsed.agent_port, 9100, "flag wins");
         assert_eq!(parsed.admin_port, 9001, "file applies");
-        assert_eq!(
-            parsed.tls.cipher_suites,
-            vec!["A".to_string(), "B".to_string()]
-        );
+        assert_eq!(parsed.tls.cipher_suites, vec!["A".to_string(), "B".to_string()]);
         std::fs::write(&file, "no-such-flag: 1\n").expect("write");
-        let err = parse_with_file::<ServerArgs>(args(&[
-            "proxy-server",
-            "--config",
-            file.to_str().expect("utf8"),
-        ]));
+        let err = parse_with_file::<ServerArgs>(args(&["proxy-server", "--config", file.to_str().expect("utf8")]));
         assert!(err.is_err());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
@@ -725,40 +654,14 @@ mod tests {
     #[test]
     fn validation_rejects_what_stock_rejects() {
         let base = |extra: &[&str]| {
-            let mut v = vec![
-                "proxy-server",
-                "--cluster-cert=Cargo.toml",
-                "--cluster-key=Cargo.toml",
-            ];
+            let mut v = vec!["proxy-server", "--cluster-cert=Cargo.toml", "--cluster-key=Cargo.toml"];
             v.extend_from_slice(extra);
             parse_with_file::<ServerArgs>(args(&v)).expect("parses")
         };
-        assert!(
-            base(&["--uds-name=/x.sock"])
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("server-port must be 0")
-        );
-        assert!(
-            base(&[])
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("requires mTLS")
-        );
-        assert!(
-            base(&["--uds-name=/x", "--server-port=0", "--agent-port=60000"])
-                .validate()
-                .is_err()
-        );
-        assert!(
-            base(&["--uds-name=/x", "--server-port=0", "--agent-namespace=a"])
-                .validate()
-                .is_err()
-        );
-        base(&["--uds-name=/x", "--server-port=0"])
-            .validate()
-            .expect("valid");
+        assert!(base(&["--uds-name=/x.sock"]).validate().unwrap_err().to_string().contains("server-port must be 0"));
+        assert!(base(&[]).validate().unwrap_err().to_string().contains("requires mTLS"));
+        assert!(base(&["--uds-name=/x", "--server-port=0", "--agent-port=60000"]).validate().is_err());
+        assert!(base(&["--uds-name=/x", "--server-port=0", "--agent-namespace=a"]).validate().is_err());
+        base(&["--uds-name=/x", "--server-port=0"]).validate().expect("valid");
     }
 }

@@ -59,18 +59,9 @@ impl InboundQueue {
     /// window, so a delivery that does not fit is a protocol violation;
     /// without it (stock peer) delivery waits for room.
     pub fn new(credit_based: bool) -> (Self, mpsc::UnboundedReceiver<Inbound>) {
-        let capacity = if credit_based {
-            WINDOW_BYTES
-        } else {
-            STOCK_QUEUE_BYTES
-        };
+        let capacity = if credit_based { WINDOW_BYTES } else { STOCK_QUEUE_BYTES };
         let (tx, rx) = mpsc::unbounded_channel();
-        let queue = InboundQueue {
-            tx,
-            budget: Arc::new(Semaphore::new(capacity)),
-            capacity,
-            credit_based,
-        };
+        let queue = InboundQueue { tx, budget: Arc::new(Semaphore::new(capacity)), capacity, credit_based };
         (queue, rx)
     }
 
@@ -86,23 +77,14 @@ impl InboundQueue {
             match self.budget.clone().try_acquire_many_owned(charge) {
                 Ok(p) => p,
                 Err(TryAcquireError::NoPermits) => {
-                    return Err(DeliverError::WindowExceeded {
-                        len: data.len(),
-                        window: self.capacity,
-                    });
+                    return Err(DeliverError::WindowExceeded { len: data.len(), window: self.capacity });
                 }
                 Err(TryAcquireError::Closed) => return Err(DeliverError::Gone),
             }
         } else {
-            self.budget
-                .clone()
-                .acquire_many_owned(charge)
-                .await
-                .map_err(|_| DeliverError::Gone)?
+            self.budget.clone().acquire_many_owned(charge).await.map_err(|_| DeliverError::Gone)?
         };
-        self.tx
-            .send(Inbound::Data(data, permit))
-            .map_err(|_| DeliverError::Gone)
+        self.tx.send(Inbound::Data(data, permit)).map_err(|_| DeliverError::Gone)
     }
 
     /// Queues a control event (never blocks, never refused for size).
@@ -124,9 +106,7 @@ pub struct SendWindow {
 
 impl Default for SendWindow {
     fn default() -> Self {
-        SendWindow {
-            credit: Semaphore::new(WINDOW_BYTES),
-        }
+        SendWindow { credit: Semaphore::new(WINDOW_BYTES) }
     }
 }
 
@@ -159,8 +139,7 @@ impl SendWindow {
         // A peer cannot grant more than it was sent; cap so a hostile peer
         // cannot overflow the semaphore.
         let room = WINDOW_BYTES.saturating_sub(self.credit.available_permits());
-        self.credit
-            .add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
+        self.credit.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
     }
 
     /// Wakes a sender blocked in [`SendWindow::take`] because the connection ended.
@@ -176,28 +155,19 @@ mod tests {
     #[tokio::test]
     async fn credit_based_queue_refuses_bytes_beyond_the_window() {
         let (queue, mut rx) = InboundQueue::new(true);
-        queue
-            .deliver(Bytes::from(vec![0; WINDOW_BYTES]))
-            .await
-            .expect("fits");
+        queue.deliver(Bytes::from(vec![0; WINDOW_BYTES])).await.expect("fits");
         let err = queue.deliver(Bytes::from_static(b"x")).await;
         assert!(matches!(err, Err(DeliverError::WindowExceeded { .. })));
         // Consuming the first chunk frees the budget again.
         drop(rx.recv().await);
         assert_eq!(queue.queued_bytes(), 0);
-        queue
-            .deliver(Bytes::from_static(b"x"))
-            .await
-            .expect("fits after consume");
+        queue.deliver(Bytes::from_static(b"x")).await.expect("fits after consume");
     }
 
     #[tokio::test]
     async fn stock_queue_waits_for_room_instead_of_failing() {
         let (queue, mut rx) = InboundQueue::new(false);
-        queue
-            .deliver(Bytes::from(vec![0; STOCK_QUEUE_BYTES]))
-            .await
-            .expect("fits");
+        queue.deliver(Bytes::from(vec![0; STOCK_QUEUE_BYTES])).await.expect("fits");
         let q = queue.clone();
         let blocked = tokio::spawn(async move { q.deliver(Bytes::from_static(b"y")).await });
         tokio::task::yield_now().await;

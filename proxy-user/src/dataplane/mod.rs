@@ -76,15 +76,8 @@ impl SpliceEngine for UserspaceEngine {
         Box::pin(async move {
             // copy_bidirectional shuts down each write side when its source hits EOF.
             match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                Ok((a_to_b, b_to_a)) => SpliceStats {
-                    a_to_b,
-                    b_to_a,
-                    error: None,
-                },
-                Err(e) => SpliceStats {
-                    error: Some(e.to_string()),
-                    ..Default::default()
-                },
+                Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, error: None },
+                Err(e) => SpliceStats { error: Some(e.to_string()), ..Default::default() },
             }
         })
     }
@@ -108,10 +101,7 @@ mod tests {
         let mut got = Vec::new();
         b_read.read_to_end(&mut got).await.expect("read to EOF");
         assert_eq!(got, b"ping");
-        b_write
-            .write_all(b"pong")
-            .await
-            .expect("write back after half-close");
+        b_write.write_all(b"pong").await.expect("write back after half-close");
         b_write.shutdown().await.expect("close");
         let mut back = Vec::new();
         a_read.read_to_end(&mut back).await.expect("read");

@@ -80,14 +80,7 @@ pub async fn bridge<S>(stream: S, link: PacketLink, initial: Bytes) -> BridgeSta
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let PacketLink {
-        connect_id,
-        to_peer,
-        mut from_peer,
-        send_window,
-        half_close,
-        role,
-    } = link;
+    let PacketLink { connect_id, to_peer, mut from_peer, send_window, half_close, role } = link;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let peer_eof = AtomicBool::new(false);
     let peer_eof_seen = Notify::new();
@@ -97,10 +90,7 @@ where
     let up = async {
         if !initial.is_empty() {
             local_to_peer.fetch_add(initial.len() as u64, Ordering::Relaxed);
-            to_peer
-                .send(crate::protocol::packet::data(connect_id, initial))
-                .await
-                .map_err(packet_gone)?;
+            to_peer.send(crate::protocol::packet::data(connect_id, initial)).await.map_err(packet_gone)?;
         }
         let mut buf = BytesMut::new();
         loop {
@@ -122,10 +112,7 @@ where
             }
             local_to_peer.fetch_add(n as u64, Ordering::Relaxed);
             let chunk = buf.split().freeze();
-            to_peer
-                .send(crate::protocol::packet::data(connect_id, chunk))
-                .await
-                .map_err(packet_gone)?;
+            to_peer.send(crate::protocol::packet::data(connect_id, chunk)).await.map_err(packet_gone)?;
         }
     };
 
@@ -141,10 +128,7 @@ where
                     consumed += bytes.len();
                     drop(permit);
                     if send_window.is_some() && consumed >= WINDOW_BYTES / 4 {
-                        let update = PacketKind::WindowUpdate {
-                            connect_id,
-                            bytes: consumed as u64,
-                        };
+                        let update = PacketKind::WindowUpdate { connect_id, bytes: consumed as u64 };
                         if to_peer.send(update.into_packet()).await.is_err() {
                             return DownEnd::Closed(None);
                         }
@@ -224,10 +208,7 @@ where
     };
 
     if role == Role::Agent {
-        let rsp = PacketKind::CloseResponse {
-            connect_id,
-            error: ending.clone().err(),
-        };
+        let rsp = PacketKind::CloseResponse { connect_id, error: ending.clone().err() };
         let _ = to_peer.send(rsp.into_packet()).await;
     }
     if let Some(window) = &send_window {
@@ -277,34 +258,17 @@ mod tests {
         // The backend answers and half-closes.
         app.write_all(b"reply").await.expect("write");
         app.shutdown().await.expect("shutdown");
-        assert!(
-            matches!(next(&mut peer).await, PacketKind::Data { ref data, eof: false, .. } if data == "reply")
-        );
-        assert!(matches!(
-            next(&mut peer).await,
-            PacketKind::Data { eof: true, .. }
-        ));
+        assert!(matches!(next(&mut peer).await, PacketKind::Data { ref data, eof: false, .. } if data == "reply"));
+        assert!(matches!(next(&mut peer).await, PacketKind::Data { eof: true, .. }));
         // The server side still sends, then half-closes too.
-        peer.queue
-            .deliver(Bytes::from_static(b"late"))
-            .await
-            .expect("deliver");
+        peer.queue.deliver(Bytes::from_static(b"late")).await.expect("deliver");
         peer.queue.signal(Inbound::Eof).expect("eof");
         let mut got = Vec::new();
         app.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"late");
-        assert_eq!(
-            next(&mut peer).await,
-            PacketKind::CloseResponse {
-                connect_id: 5,
-                error: None
-            }
-        );
+        assert_eq!(next(&mut peer).await, PacketKind::CloseResponse { connect_id: 5, error: None });
         let stats = bridge.await.expect("joins");
-        assert_eq!(
-            (stats.local_to_peer, stats.peer_to_local, stats.error),
-            (5, 4, None)
-        );
+        assert_eq!((stats.local_to_peer, stats.peer_to_local, stats.error), (5, 4, None));
     }
 
     #[tokio::test]
@@ -315,13 +279,7 @@ mod tests {
         app.write_all(b"x").await.expect("write");
         drop(app);
         assert!(matches!(next(&mut peer).await, PacketKind::Data { .. }));
-        assert_eq!(
-            next(&mut peer).await,
-            PacketKind::CloseResponse {
-                connect_id: 5,
-                error: None
-            }
-        );
+        assert_eq!(next(&mut peer).await, PacketKind::CloseResponse { connect_id: 5, error: None });
         bridge.await.expect("joins");
     }
 
@@ -330,19 +288,11 @@ mod tests {
         let (local, mut app) = tokio::io::duplex(1 << 16);
         let (link, mut peer) = link(Role::Server, false, false);
         let bridge = tokio::spawn(bridge(local, link, Bytes::from_static(b"early")));
-        assert!(
-            matches!(next(&mut peer).await, PacketKind::Data { ref data, .. } if data == "early")
-        );
+        assert!(matches!(next(&mut peer).await, PacketKind::Data { ref data, .. } if data == "early"));
         let (mut app_read, mut app_write) = tokio::io::split(&mut app);
         app_write.shutdown().await.expect("client EOF");
-        assert_eq!(
-            next(&mut peer).await,
-            PacketKind::CloseRequest { connect_id: 5 }
-        );
-        peer.queue
-            .deliver(Bytes::from_static(b"tail"))
-            .await
-            .expect("deliver");
+        assert_eq!(next(&mut peer).await, PacketKind::CloseRequest { connect_id: 5 });
+        peer.queue.deliver(Bytes::from_static(b"tail")).await.expect("deliver");
         peer.queue.signal(Inbound::Close(None)).expect("close");
         let mut got = Vec::new();
         app_read.read_to_end(&mut got).await.expect("read");
@@ -369,10 +319,7 @@ mod tests {
                 received += data.len();
             }
         }
-        assert_eq!(
-            received, WINDOW_BYTES,
-            "exactly one window before any update"
-        );
+        assert_eq!(received, WINDOW_BYTES, "exactly one window before any update");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(peer.sent.try_recv().is_err(), "nothing beyond the window");
         window.grant(WINDOW_BYTES as u64);

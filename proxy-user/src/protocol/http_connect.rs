@@ -57,14 +57,9 @@ pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<ConnectRequest
     }
     let authority = req.path.unwrap_or_default();
     if !valid_authority(authority) {
-        return Err(RequestError::Malformed(format!(
-            "CONNECT target {authority:?} is not host:port"
-        )));
+        return Err(RequestError::Malformed(format!("CONNECT target {authority:?} is not host:port")));
     }
-    Ok(Some(ConnectRequest {
-        authority: authority.to_owned(),
-        header_len,
-    }))
+    Ok(Some(ConnectRequest { authority: authority.to_owned(), header_len }))
 }
 
 fn valid_authority(a: &str) -> bool {
@@ -89,10 +84,7 @@ pub fn error_response(code: u16, reason: &str, body: &str) -> Vec<u8> {
 /// Status for an agent's dial error, classified by its text as stock does.
 pub fn dial_error_status(error: &str) -> (u16, &'static str) {
     let lower = error.to_ascii_lowercase();
-    if lower.contains("timeout")
-        || lower.contains("deadline exceeded")
-        || lower.contains("timed out")
-    {
+    if lower.contains("timeout") || lower.contains("deadline exceeded") || lower.contains("timed out") {
         (504, "Gateway Timeout")
     } else if lower.contains("too many open files") {
         (503, "Service Unavailable")
@@ -115,10 +107,7 @@ mod tests {
 
     #[test]
     fn partial_header_waits_and_oversized_header_is_refused() {
-        assert_eq!(
-            parse_request(b"CONNECT a:1 HTTP/1.1\r\nHost:", 1024),
-            Ok(None)
-        );
+        assert_eq!(parse_request(b"CONNECT a:1 HTTP/1.1\r\nHost:", 1024), Ok(None));
         let mut big = b"CONNECT a:1 HTTP/1.1\r\nX-Pad: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', 2000));
         assert_eq!(parse_request(&big, 1024), Err(RequestError::TooLarge(1024)));
@@ -139,10 +128,7 @@ mod tests {
     fn dial_errors_map_to_stock_statuses() {
         assert_eq!(dial_error_status("dial tcp 1.2.3.4:5: i/o timeout").0, 504);
         assert_eq!(dial_error_status("dial tcp: too many open files").0, 503);
-        assert_eq!(
-            dial_error_status("dial tcp 127.0.0.1:1: connect: connection refused").0,
-            502
-        );
+        assert_eq!(dial_error_status("dial tcp 127.0.0.1:1: connect: connection refused").0, 502);
         let resp = String::from_utf8(error_response(502, "Bad Gateway", "boom")).expect("utf8");
         assert!(resp.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && resp.ends_with("\r\n\r\nboom"));
     }

@@ -24,11 +24,7 @@ pub struct Cidr {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentifierError {
     #[error("identifier {key}={value:?} is not a valid {what}")]
-    Invalid {
-        key: String,
-        value: String,
-        what: &'static str,
-    },
+    Invalid { key: String, value: String, what: &'static str },
     #[error("identifier key {0:?} is unknown")]
     UnknownKey(String),
 }
@@ -45,15 +41,11 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -67,31 +59,17 @@ impl AgentIdentifiers {
     pub fn parse(query: &str) -> Result<Self, IdentifierError> {
         let mut ids = AgentIdentifiers::default();
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            let invalid = |what| IdentifierError::Invalid {
-                key: key.to_string(),
-                value: value.to_string(),
-                what,
-            };
+            let invalid = |what| IdentifierError::Invalid { key: key.to_string(), value: value.to_string(), what };
             match key.as_ref() {
-                "ipv4" => ids.ipv4.push(
-                    value
-                        .parse::<std::net::Ipv4Addr>()
-                        .map_err(|_| invalid("IPv4 address"))?
-                        .into(),
-                ),
-                "ipv6" => ids.ipv6.push(
-                    value
-                        .parse::<std::net::Ipv6Addr>()
-                        .map_err(|_| invalid("IPv6 address"))?
-                        .into(),
-                ),
-                "host" => ids.hosts.push(value.to_ascii_lowercase()),
-                "cidr" => ids
-                    .cidrs
-                    .push(Cidr::parse(&value).ok_or_else(|| invalid("CIDR"))?),
-                "default-route" => {
-                    ids.default_route = value.parse().map_err(|_| invalid("boolean"))?
+                "ipv4" => {
+                    ids.ipv4.push(value.parse::<std::net::Ipv4Addr>().map_err(|_| invalid("IPv4 address"))?.into())
                 }
+                "ipv6" => {
+                    ids.ipv6.push(value.parse::<std::net::Ipv6Addr>().map_err(|_| invalid("IPv6 address"))?.into())
+                }
+                "host" => ids.hosts.push(value.to_ascii_lowercase()),
+                "cidr" => ids.cidrs.push(Cidr::parse(&value).ok_or_else(|| invalid("CIDR"))?),
+                "default-route" => ids.default_route = value.parse().map_err(|_| invalid("boolean"))?,
                 _ => return Err(IdentifierError::UnknownKey(key.to_string())),
             }
         }
@@ -127,8 +105,7 @@ impl AgentIdentifiers {
 
     /// Whether the dial host falls in one of the agent's CIDRs (konduit's `cidr` strategy).
     pub fn matches_cidr(&self, host: &str) -> bool {
-        host.parse::<IpAddr>()
-            .is_ok_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
+        host.parse::<IpAddr>().is_ok_and(|ip| self.cidrs.iter().any(|c| c.contains(ip)))
     }
 }
 
@@ -163,10 +140,7 @@ mod tests {
     fn rejects_malformed_identifiers() {
         assert!(AgentIdentifiers::parse("ipv4=not-an-ip").is_err());
         assert!(AgentIdentifiers::parse("cidr=10.0.0.0/33").is_err());
-        assert_eq!(
-            AgentIdentifiers::parse("color=blue"),
-            Err(IdentifierError::UnknownKey("color".into()))
-        );
+        assert_eq!(AgentIdentifiers::parse("color=blue"), Err(IdentifierError::UnknownKey("color".into())));
         assert_eq!(AgentIdentifiers::parse(""), Ok(AgentIdentifiers::default()));
     }
 

@@ -31,4 +31,9 @@ pub mod metadata {
     pub const SERVER_COUNT: &str = "servercount";
     /// konduit extension (both directions): comma-separated feature names.
     pub const KONDUIT_FEATURES: &str = "konduit-features";
+    /// konduit extension (server → agent): the session key relay sockets present (hex).
+    pub const KONDUIT_RELAY_KEY: &str = "konduit-relay-key";
+    /// konduit extension (server → agent): where relay sockets connect, when it is
+    /// not the address the agent used for its session (HA behind a load balancer).
+    pub const KONDUIT_RELAY_ADDRESS: &str = "konduit-relay-address";
 }

@@ -14,6 +14,9 @@
 
 use std::fmt;
 
+/// ALPN of a TLS relay socket (plaintext relays start with the magic instead of a handshake).
+pub const ALPN_RELAY: &[u8] = b"konduit-relay/1";
+
 /// Length of a session key and of a ticket.
 pub const TOKEN_LEN: usize = 16;
 /// The part a warm socket sends in advance.
@@ -141,10 +144,7 @@ mod tests {
         assert_eq!(format!("{t:?}"), "Token(abab…)");
         assert_eq!(Token::from_hex(&t.to_hex()), Some(t));
         assert_eq!(Token::from_hex("zz"), None);
-        assert_eq!(
-            Verdict::from_byte(Verdict::BadTicket as u8),
-            Some(Verdict::BadTicket)
-        );
+        assert_eq!(Verdict::from_byte(Verdict::BadTicket as u8), Some(Verdict::BadTicket));
         assert_eq!(Verdict::from_byte(7), None);
     }
 }

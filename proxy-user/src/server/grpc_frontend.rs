@@ -13,8 +13,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::registry::{AgentRegistry, AgentSession, DialSpec, Tunnel};
-use crate::dataplane::flow::{Inbound, SendWindow, WINDOW_BYTES};
+use bytes::Bytes;
+
+use super::registry::{AgentRegistry, AgentSession, DialSpec, Leg, PacketLeg};
+use crate::dataplane::flow::{Inbound, InboundQueue, SendWindow, WINDOW_BYTES};
+use crate::dataplane::packet_bridge::{self, PacketLink, Role};
 use crate::metrics::{ServerMetrics, packet_type_label};
 use crate::protocol::PacketKind;
 use crate::protocol::pb::Packet;
@@ -32,8 +35,17 @@ pub struct ProxyServiceImpl {
 /// A connection of this frontend stream, by connectID.
 struct FrontendConn {
     session: Arc<AgentSession>,
-    window: Option<Arc<SendWindow>>,
-    forwarder: JoinHandle<()>,
+    route: Route,
+    /// Moves the agent's side toward the frontend.
+    task: JoinHandle<()>,
+}
+
+/// Where the frontend's DATA for a connection goes.
+enum Route {
+    /// Re-sent as DATA on the agent's stream, within the agent's credit (if any).
+    Packets(Option<Arc<SendWindow>>),
+    /// Written to the connection's relay socket by its bridge.
+    Relay(InboundQueue),
 }
 
 type Conns = Arc<Mutex<HashMap<i64, FrontendConn>>>;
@@ -47,10 +59,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ProxyService for ProxyServiceImpl {
     type ProxyStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
 
-    async fn proxy(
-        &self,
-        request: Request<Streaming<Packet>>,
-    ) -> Result<Response<Self::ProxyStream>, Status> {
+    async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<Packet>(TO_FRONTEND_QUEUE);
         let registry = self.registry.clone();
@@ -69,67 +78,54 @@ impl ProxyService for ProxyServiceImpl {
                     }
                 };
                 let label = packet_type_label(packet.r#type);
-                metrics
-                    .stream_packets
-                    .with_label_values(&["from_client", label])
-                    .inc();
+                metrics.stream_packets.with_label_values(&["from_client", label]).inc();
                 let kind = match PacketKind::of(packet) {
                     Ok(k) => k,
                     Err(e) => {
-                        metrics
-                            .stream_errors
-                            .with_label_values(&["from_client", "InvalidArgument", label])
-                            .inc();
+                        metrics.stream_errors.with_label_values(&["from_client", "InvalidArgument", label]).inc();
                         tracing::warn!(error = %e, "malformed packet from frontend dropped");
                         continue;
                     }
                 };
                 match kind {
-                    PacketKind::DialRequest {
-                        protocol,
-                        address,
-                        random,
-                        ..
-                    } => {
+                    PacketKind::DialRequest { protocol, address, random, .. } => {
                         let Some(session) = registry.pick(&address) else {
                             metrics.dial_failures.with_label_values(&["no_agent"]).inc();
                             let rsp = PacketKind::DialResponse {
                                 random,
                                 connect_id: 0,
                                 error: Some("No agent available".into()),
+                                relayed: false,
                             };
                             let _ = tx.send(rsp.into_packet()).await;
                             continue;
                         };
-                        let spec = DialSpec {
-                            protocol,
-                            address,
-                            random,
-                            half_close: false,
-                        };
-                        let task = tokio::spawn(dial(
-                            session,
-                            spec,
-                            dial_timeout,
-                            tx.clone(),
-                            conns.clone(),
-                            pending.clone(),
-                        ));
+                        let spec = DialSpec { protocol, address, random, half_close: false };
+                        let task =
+                            tokio::spawn(dial(session, spec, dial_timeout, tx.clone(), conns.clone(), pending.clone()));
                         lock(&pending).insert(random, task);
                     }
-                    PacketKind::Data {
-                        connect_id, data, ..
-                    } => {
-                        let target = lock(&conns)
-                            .get(&connect_id)
-                            .map(|c| (c.session.clone(), c.window.clone()));
-                        let Some((session, window)) = target else {
-                            let rsp = PacketKind::CloseResponse {
-                                connect_id,
-                                error: Some("unrecognized connectID".into()),
+                    PacketKind::Data { connect_id, data, .. } => {
+                        let target = lock(&conns).get(&connect_id).map(|c| {
+                            let route = match &c.route {
+                                Route::Packets(window) => Ok(window.clone()),
+                                Route::Relay(queue) => Err(queue.clone()),
                             };
+                            (c.session.clone(), route)
+                        });
+                        let Some((session, route)) = target else {
+                            let rsp =
+                                PacketKind::CloseResponse { connect_id, error: Some("unrecognized connectID".into()) };
                             let _ = tx.send(rsp.into_packet()).await;
                             continue;
+                        };
+                        let window = match route {
+                            Ok(window) => window,
+                            Err(relay) => {
+                                // A slow relay reader stops this frontend stream only.
+                                let _ = relay.deliver(data).await;
+                                continue;
+                            }
                         };
                         if let Some(window) = window {
                             // Credit first: a slow backend stops this frontend, not the agent's other connections.
@@ -141,23 +137,24 @@ impl ProxyService for ProxyServiceImpl {
                                 }
                             }
                         }
-                        let _ = session
-                            .send(crate::protocol::packet::data(connect_id, data))
-                            .await;
+                        let _ = session.send(crate::protocol::packet::data(connect_id, data)).await;
                     }
                     PacketKind::CloseRequest { connect_id } => {
-                        let session = lock(&conns).get(&connect_id).map(|c| c.session.clone());
-                        match session {
-                            Some(s) => {
-                                let _ = s
-                                    .send(PacketKind::CloseRequest { connect_id }.into_packet())
-                                    .await;
+                        let target = lock(&conns).get(&connect_id).map(|c| match &c.route {
+                            Route::Packets(_) => Ok(c.session.clone()),
+                            Route::Relay(queue) => Err(queue.clone()),
+                        });
+                        match target {
+                            Some(Ok(s)) => {
+                                let _ = s.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+                            }
+                            // The relay bridge closes the socket and answers CLOSE_RSP.
+                            Some(Err(relay)) => {
+                                let _ = relay.signal(Inbound::Close(None));
                             }
                             None => {
-                                let rsp = PacketKind::CloseResponse {
-                                    connect_id,
-                                    error: Some("Unknown connectID".into()),
-                                };
+                                let rsp =
+                                    PacketKind::CloseResponse { connect_id, error: Some("Unknown connectID".into()) };
                                 let _ = tx.send(rsp.into_packet()).await;
                             }
                         }
@@ -179,22 +176,19 @@ impl ProxyService for ProxyServiceImpl {
             }
             let leftovers: Vec<_> = lock(&conns).drain().collect();
             for (connect_id, conn) in leftovers {
-                conn.forwarder.abort();
-                let _ = conn
-                    .session
-                    .send(PacketKind::CloseRequest { connect_id }.into_packet())
-                    .await;
-                conn.session.release(connect_id);
+                conn.task.abort();
+                // A relayed connection ends when its socket drops (with the task).
+                if let Route::Packets(_) = conn.route {
+                    let _ = conn.session.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+                    conn.session.release(connect_id);
+                }
             }
             metrics.grpc_connections.with_label_values(&["Proxy"]).dec();
         });
 
         let metrics = self.metrics.clone();
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |p: Packet| {
-            metrics
-                .stream_packets
-                .with_label_values(&["to_client", packet_type_label(p.r#type)])
-                .inc();
+            metrics.stream_packets.with_label_values(&["to_client", packet_type_label(p.r#type)]).inc();
             Ok(p)
         });
         Ok(Response::new(Box::pin(outbound)))
@@ -215,64 +209,66 @@ async fn dial(
     let tunnel = match result {
         Ok(t) => t,
         Err(e) => {
-            let rsp = PacketKind::DialResponse {
-                random,
-                connect_id: 0,
-                error: Some(e.to_string()),
-            };
+            let rsp = PacketKind::DialResponse { random, connect_id: 0, error: Some(e.to_string()), relayed: false };
             let _ = to_frontend.send(rsp.into_packet()).await;
             return;
         }
     };
     let connect_id = tunnel.connect_id;
-    let rsp = PacketKind::DialResponse {
-        random,
-        connect_id,
-        error: None,
-    };
+    let rsp = PacketKind::DialResponse { random, connect_id, error: None, relayed: false };
     if to_frontend.send(rsp.into_packet()).await.is_err() {
-        let _ = session
-            .send(PacketKind::CloseRequest { connect_id }.into_packet())
-            .await;
-        session.release(connect_id);
+        if let Leg::Packets(_) = tunnel.leg {
+            let _ = session.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+            session.release(connect_id);
+        }
         return;
     }
-    let window = tunnel.window.clone();
-    let forwarder = tokio::spawn(forward_to_frontend(tunnel, to_frontend, conns.clone()));
-    lock(&conns).insert(
-        connect_id,
-        FrontendConn {
-            session,
-            window,
-            forwarder,
-        },
-    );
+    // Registered before the task starts, so the task's clean-up always finds it.
+    let mut conns_guard = lock(&conns);
+    let (route, task) = match tunnel.leg {
+        Leg::Packets(leg) => {
+            let window = leg.window.clone();
+            (Route::Packets(window), tokio::spawn(forward_to_frontend(connect_id, leg, to_frontend, conns.clone())))
+        }
+        Leg::Relay(socket) => {
+            // The frontend speaks DATA, the relay is a raw socket: bridge them here,
+            // answering the frontend as an agent would.
+            let (queue, from_frontend) = InboundQueue::new(false);
+            let link = PacketLink {
+                connect_id,
+                to_peer: to_frontend,
+                from_peer: from_frontend,
+                send_window: None,
+                half_close: false,
+                role: Role::Agent,
+            };
+            let conns = conns.clone();
+            let task = tokio::spawn(async move {
+                packet_bridge::bridge(socket.stream, link, Bytes::new()).await;
+                lock(&conns).remove(&connect_id);
+            });
+            (Route::Relay(queue), task)
+        }
+    };
+    conns_guard.insert(connect_id, FrontendConn { session, route, task });
 }
 
 /// Moves one connection's packets from the agent to the frontend, granting
 /// the agent credit as the frontend stream takes them.
-async fn forward_to_frontend(mut tunnel: Tunnel, to_frontend: mpsc::Sender<Packet>, conns: Conns) {
-    let connect_id = tunnel.connect_id;
+async fn forward_to_frontend(connect_id: i64, mut leg: PacketLeg, to_frontend: mpsc::Sender<Packet>, conns: Conns) {
     let mut consumed = 0usize;
-    while let Some(event) = tunnel.inbound.recv().await {
+    while let Some(event) = leg.inbound.recv().await {
         match event {
             Inbound::Data(bytes, permit) => {
                 let len = bytes.len();
-                if to_frontend
-                    .send(crate::protocol::packet::data(connect_id, bytes))
-                    .await
-                    .is_err()
-                {
+                if to_frontend.send(crate::protocol::packet::data(connect_id, bytes)).await.is_err() {
                     break;
                 }
                 drop(permit);
                 consumed += len;
-                if tunnel.window.is_some() && consumed >= WINDOW_BYTES / 4 {
-                    let update = PacketKind::WindowUpdate {
-                        connect_id,
-                        bytes: consumed as u64,
-                    };
-                    let _ = tunnel.to_agent.send(update.into_packet()).await;
+                if leg.window.is_some() && consumed >= WINDOW_BYTES / 4 {
+                    let update = PacketKind::WindowUpdate { connect_id, bytes: consumed as u64 };
+                    let _ = leg.to_agent.send(update.into_packet()).await;
                     consumed = 0;
                 }
             }

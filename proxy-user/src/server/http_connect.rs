@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::registry::{AgentRegistry, DialError, DialSpec};
-use crate::dataplane::EngineKind;
+use super::registry::{AgentRegistry, DialError, DialSpec, Leg};
 use crate::dataplane::packet_bridge;
+use crate::dataplane::{EngineKind, SpliceEngine, UserspaceEngine};
 use crate::metrics::ServerMetrics;
 use crate::protocol::http_connect::{self, RequestError};
 
@@ -39,25 +39,20 @@ async fn read_header<S: AsyncRead + Unpin>(
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
-            if let Some(req) = http_connect::parse_request(&buf, settings.max_header_bytes)
-                .map_err(HeaderError::Request)?
+            if let Some(req) =
+                http_connect::parse_request(&buf, settings.max_header_bytes).map_err(HeaderError::Request)?
             {
                 return Ok(req);
             }
             let room = settings.max_header_bytes + 1 - buf.len().min(settings.max_header_bytes);
             let mut limited = (&mut buf).limit(room);
-            let n = stream
-                .read_buf(&mut limited)
-                .await
-                .map_err(HeaderError::Io)?;
+            let n = stream.read_buf(&mut limited).await.map_err(HeaderError::Io)?;
             if n == 0 {
                 return Err(HeaderError::Eof);
             }
         }
     };
-    let req = tokio::time::timeout(settings.header_timeout, read)
-        .await
-        .map_err(|_| HeaderError::Timeout)??;
+    let req = tokio::time::timeout(settings.header_timeout, read).await.map_err(|_| HeaderError::Timeout)??;
     let rest = buf.split_off(req.header_len);
     Ok((req, rest))
 }
@@ -72,7 +67,7 @@ pub async fn serve_connection<S>(
     settings: Arc<HttpConnectSettings>,
     metrics: ServerMetrics,
 ) where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     metrics.http_connections.inc();
     let _gauge = scopeguard(metrics.http_connections.clone());
@@ -83,23 +78,17 @@ pub async fn serve_connection<S>(
             let (code, reason) = e.status();
             let body = match &e {
                 // Stock's body for other methods.
-                RequestError::MethodNotAllowed(_) => {
-                    "this proxy only supports CONNECT passthrough\n".to_owned()
-                }
+                RequestError::MethodNotAllowed(_) => "this proxy only supports CONNECT passthrough\n".to_owned(),
                 other => format!("{other}\n"),
             };
-            let _ = stream
-                .write_all(&http_connect::error_response(code, reason, &body))
-                .await;
+            let _ = stream.write_all(&http_connect::error_response(code, reason, &body)).await;
             let _ = stream.shutdown().await;
             return;
         }
         Err(HeaderError::Timeout) => {
             tracing::info!(%peer, "client did not send its CONNECT header in time");
             let body = "timed out waiting for the request header\n";
-            let _ = stream
-                .write_all(&http_connect::error_response(408, "Request Timeout", body))
-                .await;
+            let _ = stream.write_all(&http_connect::error_response(408, "Request Timeout", body)).await;
             let _ = stream.shutdown().await;
             return;
         }
@@ -115,13 +104,7 @@ pub async fn serve_connection<S>(
         metrics.dial_failures.with_label_values(&["no_agent"]).inc();
         tracing::info!(%peer, %address, "no agent available");
         let body = "currently no tunnels available: No agent available";
-        let _ = stream
-            .write_all(&http_connect::error_response(
-                500,
-                "Internal Server Error",
-                body,
-            ))
-            .await;
+        let _ = stream.write_all(&http_connect::error_response(500, "Internal Server Error", body)).await;
         let _ = stream.shutdown().await;
         return;
     };
@@ -134,22 +117,12 @@ pub async fn serve_connection<S>(
                     let (code, reason) = http_connect::dial_error_status(msg);
                     (code, reason, msg.clone())
                 }
-                DialError::Timeout => {
-                    (504, "Gateway Timeout", format!("Backend dial timeout: {e}"))
-                }
-                DialError::Closed(msg) => {
-                    (502, "Bad Gateway", format!("Backend context error: {msg}"))
-                }
-                DialError::NoAgent => (
-                    500,
-                    "Internal Server Error",
-                    format!("currently no tunnels available: {e}"),
-                ),
+                DialError::Timeout => (504, "Gateway Timeout", format!("Backend dial timeout: {e}")),
+                DialError::Closed(msg) => (502, "Bad Gateway", format!("Backend context error: {msg}")),
+                DialError::NoAgent => (500, "Internal Server Error", format!("currently no tunnels available: {e}")),
             };
             tracing::info!(%peer, %address, agent = %session.agent_id, status = code, error = %body, "dial failed");
-            let _ = stream
-                .write_all(&http_connect::error_response(code, reason, &body))
-                .await;
+            let _ = stream.write_all(&http_connect::error_response(code, reason, &body)).await;
             let _ = stream.shutdown().await;
             return;
         }
@@ -157,12 +130,7 @@ pub async fn serve_connection<S>(
     if let Err(e) = stream.write_all(http_connect::ESTABLISHED).await {
         tracing::debug!(%peer, error = %e, "frontend left before the tunnel was established");
         let _ = session
-            .send(
-                crate::protocol::PacketKind::CloseRequest {
-                    connect_id: tunnel.connect_id,
-                }
-                .into_packet(),
-            )
+            .send(crate::protocol::PacketKind::CloseRequest { connect_id: tunnel.connect_id }.into_packet())
             .await;
         session.release(tunnel.connect_id);
         return;
@@ -170,23 +138,30 @@ pub async fn serve_connection<S>(
     let connect_id = tunnel.connect_id;
     tracing::debug!(%peer, %address, agent = %session.agent_id, connect_id, "tunnel established");
     let started = Instant::now();
-    let stats = packet_bridge::bridge(stream, tunnel.into_link(), Bytes::from(rest)).await;
-    session.release(connect_id);
-    metrics
-        .connection_duration
-        .observe(started.elapsed().as_secs_f64());
-    metrics.dataplane.record(
-        EngineKind::Userspace,
-        stats.local_to_peer,
-        stats.peer_to_local,
-    );
-    match stats.error {
-        Some(e) => {
-            tracing::info!(%peer, %address, connect_id, error = %e, "tunnel ended with an error")
+    let (engine, to_node, from_node, error) = match tunnel.leg {
+        Leg::Packets(leg) => {
+            let stats = packet_bridge::bridge(stream, leg.into_link(connect_id), Bytes::from(rest)).await;
+            session.release(connect_id);
+            (EngineKind::Userspace, stats.local_to_peer, stats.peer_to_local, stats.error)
         }
-        None => {
-            tracing::debug!(%peer, %address, connect_id, up = stats.local_to_peer, down = stats.peer_to_local, "tunnel closed")
+        Leg::Relay(mut relay) => {
+            // Bytes the client sent right after its header go first, in order.
+            if !rest.is_empty()
+                && let Err(e) = relay.stream.write_all(&rest).await
+            {
+                tracing::info!(%peer, %address, connect_id, error = %e, "relay socket failed");
+                return;
+            }
+            let engine = UserspaceEngine;
+            let stats = engine.splice(Box::new(stream), relay.stream).await;
+            (engine.kind(), stats.a_to_b + rest.len() as u64, stats.b_to_a, stats.error)
         }
+    };
+    metrics.connection_duration.observe(started.elapsed().as_secs_f64());
+    metrics.dataplane.record(engine, to_node, from_node);
+    match error {
+        Some(e) => tracing::info!(%peer, %address, connect_id, %engine, error = %e, "tunnel ended with an error"),
+        None => tracing::debug!(%peer, %address, connect_id, %engine, up = to_node, down = from_node, "tunnel closed"),
     }
 }
 

@@ -2,10 +2,12 @@
 //! (gRPC or HTTP-CONNECT, on a unix socket or TCP with mTLS), and the health
 //! and admin endpoints, wired together from validated [`ServerArgs`].
 
+pub mod agent_port;
 pub mod agent_service;
 pub mod grpc_frontend;
 pub mod http_connect;
 pub mod registry;
+pub mod relay;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use crate::config::{FrontendMode, ServerArgs, listen_addr};
 use crate::error::{Error, Result, Side};
 use crate::metrics::ServerMetrics;
 use crate::net;
+use crate::protocol::Features;
 use crate::protocol::pb::agent_service_server::AgentServiceServer;
 use crate::protocol::pb::proxy_service_server::ProxyServiceServer;
 use crate::shutdown::{Phase, Shutdown};
@@ -44,30 +47,17 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
     for warning in args.unenforced() {
         tracing::warn!("{warning}");
     }
-    let server_id = if args.server_id.is_empty() {
-        crate::config::random_id()
-    } else {
-        args.server_id.clone()
-    };
+    let server_id = if args.server_id.is_empty() { crate::config::random_id() } else { args.server_id.clone() };
     let metrics = ServerMetrics::new();
-    let registry = Arc::new(AgentRegistry::new(
-        args.proxy_strategies.clone(),
-        metrics.clone(),
-    ));
+    let registry = Arc::new(AgentRegistry::new(args.proxy_strategies.clone(), metrics.clone()));
     let dial_timeout = (!args.backend_dial_timeout.is_zero()).then_some(args.backend_dial_timeout);
 
     // Health and admin first, so probes answer while the rest starts.
     let ready_registry = registry.clone();
     let ready: crate::admin::ReadinessCheck = Arc::new(move || ready_registry.ready());
     for (addr, what) in [
-        (
-            listen_addr(&args.health_bind_address, args.health_port)?,
-            "health",
-        ),
-        (
-            listen_addr(&args.admin_bind_address, args.admin_port)?,
-            "admin",
-        ),
+        (listen_addr(&args.health_bind_address, args.health_port)?, "health"),
+        (listen_addr(&args.admin_bind_address, args.admin_port)?, "admin"),
     ] {
         AdminEndpoints {
             registry: metrics.registry.clone(),
@@ -84,25 +74,25 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
         &args.cluster_cert,
         &args.cluster_key,
         cluster_ca,
-        &[tls::ALPN_H2],
+        &[tls::ALPN_H2, agent_port::ALPN_RELAY],
         &args.tls,
     )?;
     let agent_addr = listen_addr(&args.agent_bind_address, args.agent_port)?;
     let agent_listener = net::bind_tcp(agent_addr, "agent listener").await?;
-    let agent_incoming = ReceiverStream::new(net::tls_incoming(agent_listener, agent_tls, "agent"));
+    let agent_incoming = ReceiverStream::new(agent_port::incoming(agent_listener, agent_tls, registry.broker.clone()));
     let agent_service = agent_service::AgentServiceImpl {
         registry: registry.clone(),
         server_id: server_id.clone(),
         server_count: args.server_count,
+        relay_address: (!args.relay_advertise_address.is_empty()).then(|| args.relay_advertise_address.clone()),
+        offered: Features { relay: args.relay, ..Features::ALL },
         metrics: metrics.clone(),
     };
     let stop = shutdown.clone();
     let agents = tokio::spawn(
         server_builder(args.keepalive_time)
             .add_service(AgentServiceServer::new(agent_service))
-            .serve_with_incoming_shutdown(agent_incoming, async move {
-                stop.reached(Phase::Stopping).await
-            }),
+            .serve_with_incoming_shutdown(agent_incoming, async move { stop.reached(Phase::Stopping).await }),
     );
     tracing::info!(%server_id, %agent_addr, mtls = cluster_ca.is_some(), "agent listener up");
 
@@ -124,15 +114,9 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 let router = builder.add_service(service);
                 tokio::spawn(async move {
                     router
-                        .serve_with_incoming_shutdown(
-                            UnixListenerStream::new(listener),
-                            frontend_stopped,
-                        )
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), frontend_stopped)
                         .await
-                        .map_err(|e| {
-                            Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend")
-                                .because(e)
-                        })
+                        .map_err(|e| Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend").because(e))
                 })
             } else {
                 let config = frontend_tls(&args, tls::ALPN_H2)?;
@@ -146,10 +130,7 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                     router
                         .serve_with_incoming_shutdown(incoming, frontend_stopped)
                         .await
-                        .map_err(|e| {
-                            Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend")
-                                .because(e)
-                        })
+                        .map_err(|e| Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend").because(e))
                 })
             }
         }
@@ -204,12 +185,7 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                             },
                             _ = &mut frontend_stopped => return Ok(()),
                         };
-                        let peer = stream
-                            .get_ref()
-                            .0
-                            .peer_addr()
-                            .map(|a| a.to_string())
-                            .unwrap_or_default();
+                        let peer = stream.get_ref().0.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                         tokio::spawn(http_connect::serve_connection(
                             stream,
                             peer,
@@ -227,9 +203,7 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
     if shutdown.phase() == Phase::Draining && !args.graceful_shutdown_timeout.is_zero() {
         tracing::info!(timeout = ?args.graceful_shutdown_timeout, "draining: no new frontend connections; waiting for open ones");
         let deadline = tokio::time::Instant::now() + args.graceful_shutdown_timeout;
-        while registry.sessions().iter().any(|s| s.connection_count() > 0)
-            && tokio::time::Instant::now() < deadline
-        {
+        while registry.sessions().iter().any(|s| s.connection_count() > 0) && tokio::time::Instant::now() < deadline {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = shutdown.reached(Phase::Stopping) => break,
@@ -246,11 +220,5 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
 }
 
 fn frontend_tls(args: &ServerArgs, alpn: &[u8]) -> Result<Arc<rustls::ServerConfig>> {
-    tls::server_config(
-        &args.server_cert,
-        &args.server_key,
-        Some(&args.server_ca_cert),
-        &[alpn],
-        &args.tls,
-    )
+    tls::server_config(&args.server_cert, &args.server_key, Some(&args.server_ca_cert), &[alpn], &args.tls)
 }

@@ -19,7 +19,14 @@ use crate::error::{Error, ErrorKind, Side};
 use crate::metrics::ServerMetrics;
 use crate::protocol::identifiers::dial_host;
 use crate::protocol::pb::Packet;
+use crate::protocol::relay::Token;
 use crate::protocol::{AgentIdentifiers, Features, PacketKind};
+
+use super::relay::{RelayBroker, RelaySocket};
+
+/// How long a dial waits for its relay socket after a relayed DIAL_RSP
+/// (the agent answers only after the server's verdict, so it is normally there).
+const RELAY_ARRIVAL_WAIT: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these short critical sections leaves the
@@ -35,6 +42,9 @@ pub struct AgentSession {
     pub features: Features,
     /// Unique per session, to tell two sessions of the same agent id apart.
     pub session_no: u64,
+    /// The key this session's relay sockets present, when the agent speaks the relay extension.
+    pub relay_key: Option<Token>,
+    broker: Arc<RelayBroker>,
     outbound: mpsc::Sender<Packet>,
     draining: AtomicBool,
     pending: Mutex<HashMap<i64, oneshot::Sender<DialOutcome>>>,
@@ -48,29 +58,52 @@ struct ConnEntry {
 }
 
 /// An agent's answer to a dial.
-#[derive(Debug)]
 enum DialOutcome {
     Connected(Tunnel),
+    /// Connected; the bytes travel on the relay socket that presents the ticket.
+    Relayed(i64),
     Failed(String),
     /// The agent cancelled the dial (DIAL_CLS) or its session ended.
     Closed(String),
 }
 
 /// An established tunnelled connection through one agent.
-#[derive(Debug)]
 pub struct Tunnel {
     pub connect_id: i64,
+    pub leg: Leg,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let leg = match self.leg {
+            Leg::Packets(_) => "packets",
+            Leg::Relay(_) => "relay",
+        };
+        f.debug_struct("Tunnel").field("connect_id", &self.connect_id).field("leg", &leg).finish()
+    }
+}
+
+/// How a tunnelled connection's bytes reach the agent.
+pub enum Leg {
+    /// DATA packets on the agent's gRPC stream.
+    Packets(PacketLeg),
+    /// A relay socket of its own (konduit agents).
+    Relay(RelaySocket),
+}
+
+/// The DATA-packet leg of a connection.
+pub struct PacketLeg {
     pub inbound: mpsc::UnboundedReceiver<Inbound>,
     pub window: Option<Arc<SendWindow>>,
     pub to_agent: mpsc::Sender<Packet>,
     pub half_close: bool,
 }
 
-impl Tunnel {
+impl PacketLeg {
     /// The packet leg for the data plane.
-    pub fn into_link(self) -> PacketLink {
+    pub fn into_link(self, connect_id: i64) -> PacketLink {
         PacketLink {
-            connect_id: self.connect_id,
+            connect_id,
             to_peer: self.to_agent,
             from_peer: self.inbound,
             send_window: self.window,
@@ -119,12 +152,19 @@ pub struct DialSpec {
 
 impl DialSpec {
     pub fn tcp(address: impl Into<String>, half_close: bool) -> Self {
-        DialSpec {
-            protocol: "tcp".into(),
-            address: address.into(),
-            random: rand::rng().random::<i64>(),
-            half_close,
-        }
+        DialSpec { protocol: "tcp".into(), address: address.into(), random: rand::rng().random::<i64>(), half_close }
+    }
+}
+
+/// Withdraws an unused relay ticket when its dial ends.
+struct TicketGuard<'a> {
+    broker: &'a RelayBroker,
+    ticket: Token,
+}
+
+impl Drop for TicketGuard<'_> {
+    fn drop(&mut self) {
+        self.broker.withdraw(&self.ticket);
     }
 }
 
@@ -140,10 +180,7 @@ impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.session.metrics.pending_backend_dials.dec();
         if self.armed && lock(&self.session.pending).remove(&self.random).is_some() {
-            let cancel = PacketKind::DialClose {
-                random: self.random,
-            }
-            .into_packet();
+            let cancel = PacketKind::DialClose { random: self.random }.into_packet();
             let _ = self.session.outbound.try_send(cancel);
         }
     }
@@ -156,32 +193,23 @@ impl AgentSession {
 
     /// Queues a packet for the agent; fails when the session has ended.
     pub async fn send(&self, packet: Packet) -> Result<(), DialError> {
-        self.outbound
-            .send(packet)
-            .await
-            .map_err(|_| DialError::Closed("agent session ended".into()))
+        self.outbound.send(packet).await.map_err(|_| DialError::Closed("agent session ended".into()))
     }
 
     /// Asks the agent to dial and waits for its answer.
-    pub async fn dial(
-        &self,
-        spec: &DialSpec,
-        timeout: Option<Duration>,
-    ) -> Result<Tunnel, DialError> {
+    pub async fn dial(&self, spec: &DialSpec, timeout: Option<Duration>) -> Result<Tunnel, DialError> {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(spec.random, tx);
         self.metrics.pending_backend_dials.inc();
-        let mut guard = PendingGuard {
-            session: self,
-            random: spec.random,
-            armed: true,
-        };
+        let mut guard = PendingGuard { session: self, random: spec.random, armed: true };
+        let relay = self.relay_key.map(|_| self.broker.issue(self.session_no));
+        let _ticket_guard = relay.as_ref().map(|(ticket, _)| TicketGuard { broker: &self.broker, ticket: *ticket });
         let request = PacketKind::DialRequest {
             protocol: spec.protocol.clone(),
             address: spec.address.clone(),
             random: spec.random,
-            relay_ticket: Bytes::new(),
+            relay_ticket: relay.as_ref().map(|(t, _)| Bytes::copy_from_slice(&t.0)).unwrap_or_default(),
             half_close: spec.half_close && self.features.half_close,
         };
         self.send(request.into_packet()).await?;
@@ -189,10 +217,7 @@ impl AgentSession {
             Some(t) if !t.is_zero() => match tokio::time::timeout(t, rx).await {
                 Ok(answer) => answer,
                 Err(_) => {
-                    self.metrics
-                        .dial_failures
-                        .with_label_values(&["backend_dial_timeout"])
-                        .inc();
+                    self.metrics.dial_failures.with_label_values(&["backend_dial_timeout"]).inc();
                     return Err(DialError::Timeout);
                 }
             },
@@ -201,30 +226,36 @@ impl AgentSession {
         guard.armed = false;
         match answer {
             Ok(DialOutcome::Connected(tunnel)) => {
-                self.metrics
-                    .dial_duration
-                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
                 Ok(tunnel)
             }
+            Ok(DialOutcome::Relayed(connect_id)) => {
+                let arrived = match relay {
+                    Some((_, rx)) => tokio::time::timeout(RELAY_ARRIVAL_WAIT, rx).await.ok().and_then(Result::ok),
+                    None => None,
+                };
+                match arrived {
+                    Some(socket) => {
+                        self.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+                        Ok(Tunnel { connect_id, leg: Leg::Relay(socket) })
+                    }
+                    None => {
+                        self.metrics.dial_failures.with_label_values(&["relay_missing"]).inc();
+                        let _ = self.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+                        Err(DialError::Closed("agent reported a relayed connection but no relay socket arrived".into()))
+                    }
+                }
+            }
             Ok(DialOutcome::Failed(e)) => {
-                self.metrics
-                    .dial_failures
-                    .with_label_values(&["error_response"])
-                    .inc();
+                self.metrics.dial_failures.with_label_values(&["error_response"]).inc();
                 Err(DialError::Agent(e))
             }
             Ok(DialOutcome::Closed(e)) => {
-                self.metrics
-                    .dial_failures
-                    .with_label_values(&["backend_close"])
-                    .inc();
+                self.metrics.dial_failures.with_label_values(&["backend_close"]).inc();
                 Err(DialError::Closed(e))
             }
             Err(_) => {
-                self.metrics
-                    .dial_failures
-                    .with_label_values(&["backend_close"])
-                    .inc();
+                self.metrics.dial_failures.with_label_values(&["backend_close"]).inc();
                 Err(DialError::Closed("agent session ended".into()))
             }
         }
@@ -259,87 +290,55 @@ impl AgentSession {
     /// own connection; the session goes on.
     pub async fn handle_from_agent(&self, kind: PacketKind) {
         match kind {
-            PacketKind::DialResponse {
-                random,
-                connect_id,
-                error,
-            } => {
+            PacketKind::DialResponse { random, connect_id, error, relayed } => {
                 let waiter = lock(&self.pending).remove(&random);
                 let Some(waiter) = waiter else {
                     if error.is_none() && connect_id != 0 {
                         // The frontend gave up; the agent must not keep the connection.
                         tracing::debug!(agent = %self.agent_id, random, connect_id, "dial answer after the frontend left; closing");
-                        let _ = self
-                            .send(PacketKind::CloseRequest { connect_id }.into_packet())
-                            .await;
+                        let _ = self.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
                     }
                     return;
                 };
                 let outcome = match error {
                     Some(e) => DialOutcome::Failed(e),
+                    None if relayed => DialOutcome::Relayed(connect_id),
                     None => {
                         let (inbound, rx) = InboundQueue::new(self.features.flow_control);
-                        let window = self
-                            .features
-                            .flow_control
-                            .then(|| Arc::new(SendWindow::default()));
-                        lock(&self.conns).insert(
-                            connect_id,
-                            ConnEntry {
-                                inbound,
-                                window: window.clone(),
-                            },
-                        );
+                        let window = self.features.flow_control.then(|| Arc::new(SendWindow::default()));
+                        lock(&self.conns).insert(connect_id, ConnEntry { inbound, window: window.clone() });
                         self.metrics.established_connections.inc();
                         DialOutcome::Connected(Tunnel {
                             connect_id,
-                            inbound: rx,
-                            window,
-                            to_agent: self.outbound.clone(),
-                            half_close: self.features.half_close,
+                            leg: Leg::Packets(PacketLeg {
+                                inbound: rx,
+                                window,
+                                to_agent: self.outbound.clone(),
+                                half_close: self.features.half_close,
+                            }),
                         })
                     }
                 };
-                if let Err(DialOutcome::Connected(t)) = waiter.send(outcome) {
-                    self.remove_conn(t.connect_id);
-                    let _ = self
-                        .send(
-                            PacketKind::CloseRequest {
-                                connect_id: t.connect_id,
-                            }
-                            .into_packet(),
-                        )
-                        .await;
+                match waiter.send(outcome) {
+                    Err(DialOutcome::Connected(t)) => {
+                        self.remove_conn(t.connect_id);
+                        let _ = self.send(PacketKind::CloseRequest { connect_id: t.connect_id }.into_packet()).await;
+                    }
+                    Err(DialOutcome::Relayed(connect_id)) => {
+                        let _ = self.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+                    }
+                    _ => {}
                 }
             }
-            PacketKind::Data {
-                connect_id,
-                data,
-                eof,
-                ..
-            } => {
-                let queue = lock(&self.conns)
-                    .get(&connect_id)
-                    .map(|c| c.inbound.clone());
+            PacketKind::Data { connect_id, data, eof, .. } => {
+                let queue = lock(&self.conns).get(&connect_id).map(|c| c.inbound.clone());
                 let Some(queue) = queue else {
                     tracing::warn!(agent = %self.agent_id, connect_id, "DATA for unknown connectID; asking the agent to close it");
-                    let _ = self
-                        .send(PacketKind::CloseRequest { connect_id }.into_packet())
-                        .await;
+                    let _ = self.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
                     return;
                 };
-                let delivered = if data.is_empty() {
-                    Ok(())
-                } else {
-                    queue.deliver(data).await
-                };
-                let delivered = delivered.and_then(|()| {
-                    if eof {
-                        queue.signal(Inbound::Eof)
-                    } else {
-                        Ok(())
-                    }
-                });
+                let delivered = if data.is_empty() { Ok(()) } else { queue.deliver(data).await };
+                let delivered = delivered.and_then(|()| if eof { queue.signal(Inbound::Eof) } else { Ok(()) });
                 match delivered {
                     Ok(()) | Err(DeliverError::Gone) => {}
                     Err(e @ DeliverError::WindowExceeded { .. }) => {
@@ -347,9 +346,7 @@ impl AgentSession {
                         if let Some(entry) = self.remove_conn(connect_id) {
                             let _ = entry.inbound.signal(Inbound::Close(Some(e.to_string())));
                         }
-                        let _ = self
-                            .send(PacketKind::CloseRequest { connect_id }.into_packet())
-                            .await;
+                        let _ = self.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
                     }
                 }
             }
@@ -368,10 +365,7 @@ impl AgentSession {
                 self.draining.store(true, Ordering::Relaxed);
             }
             PacketKind::WindowUpdate { connect_id, bytes } => {
-                if let Some(window) = lock(&self.conns)
-                    .get(&connect_id)
-                    .and_then(|c| c.window.clone())
-                {
+                if let Some(window) = lock(&self.conns).get(&connect_id).and_then(|c| c.window.clone()) {
                     window.grant(bytes);
                 }
             }
@@ -389,9 +383,7 @@ impl AgentSession {
         let conns: Vec<_> = lock(&self.conns).drain().collect();
         self.metrics.established_connections.sub(conns.len() as i64);
         for (_, entry) in conns {
-            let _ = entry
-                .inbound
-                .signal(Inbound::Close(Some(reason.to_owned())));
+            let _ = entry.inbound.signal(Inbound::Close(Some(reason.to_owned())));
             if let Some(w) = entry.window {
                 w.close();
             }
@@ -402,6 +394,7 @@ impl AgentSession {
 /// All connected agents.
 pub struct AgentRegistry {
     sessions: Mutex<Vec<Arc<AgentSession>>>,
+    pub broker: Arc<RelayBroker>,
     strategies: Vec<ProxyStrategy>,
     next_session: AtomicU64,
     metrics: ServerMetrics,
@@ -415,6 +408,7 @@ impl AgentRegistry {
         metrics.ready_backend_connections.set(0);
         AgentRegistry {
             sessions: Mutex::new(Vec::new()),
+            broker: Arc::new(RelayBroker::default()),
             strategies,
             next_session: AtomicU64::new(1),
             metrics,
@@ -429,11 +423,14 @@ impl AgentRegistry {
         features: Features,
         outbound: mpsc::Sender<Packet>,
     ) -> SessionGuard {
+        let session_no = self.next_session.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(AgentSession {
             agent_id,
             identifiers,
             features,
-            session_no: self.next_session.fetch_add(1, Ordering::Relaxed),
+            session_no,
+            relay_key: features.relay.then(|| self.broker.open_session(session_no)),
+            broker: self.broker.clone(),
             outbound,
             draining: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
@@ -442,59 +439,30 @@ impl AgentRegistry {
         });
         lock(&self.sessions).push(session.clone());
         self.update_gauges();
-        SessionGuard {
-            registry: self.clone(),
-            session,
-        }
+        SessionGuard { registry: self.clone(), session }
     }
 
     fn update_gauges(&self) {
         let sessions = lock(&self.sessions);
-        self.metrics
-            .ready_backend_connections
-            .set(sessions.len() as i64);
-        self.metrics
-            .ready_backends
-            .with_label_values(&["default"])
-            .set(sessions.len() as i64);
+        self.metrics.ready_backend_connections.set(sessions.len() as i64);
+        self.metrics.ready_backends.with_label_values(&["default"]).set(sessions.len() as i64);
         let dest = sessions
             .iter()
             .filter(|s| {
-                !s.identifiers.hosts.is_empty()
-                    || !s.identifiers.ipv4.is_empty()
-                    || !s.identifiers.ipv6.is_empty()
+                !s.identifiers.hosts.is_empty() || !s.identifiers.ipv4.is_empty() || !s.identifiers.ipv6.is_empty()
             })
             .count();
-        self.metrics
-            .ready_backends
-            .with_label_values(&["destHost"])
-            .set(dest as i64);
-        let dr = sessions
-            .iter()
-            .filter(|s| s.identifiers.default_route)
-            .count();
-        self.metrics
-            .ready_backends
-            .with_label_values(&["defaultRoute"])
-            .set(dr as i64);
-        let cidr = sessions
-            .iter()
-            .filter(|s| !s.identifiers.cidrs.is_empty())
-            .count();
-        self.metrics
-            .ready_backends
-            .with_label_values(&["cidr"])
-            .set(cidr as i64);
+        self.metrics.ready_backends.with_label_values(&["destHost"]).set(dest as i64);
+        let dr = sessions.iter().filter(|s| s.identifiers.default_route).count();
+        self.metrics.ready_backends.with_label_values(&["defaultRoute"]).set(dr as i64);
+        let cidr = sessions.iter().filter(|s| !s.identifiers.cidrs.is_empty()).count();
+        self.metrics.ready_backends.with_label_values(&["cidr"]).set(cidr as i64);
     }
 
     /// Ready when the first strategy has at least one agent (as stock).
     pub fn ready(&self) -> Result<(), String> {
         let sessions = lock(&self.sessions);
-        let first = self
-            .strategies
-            .first()
-            .copied()
-            .unwrap_or(ProxyStrategy::Default);
+        let first = self.strategies.first().copied().unwrap_or(ProxyStrategy::Default);
         if sessions.iter().any(|s| Self::serves(first, s, None)) {
             Ok(())
         } else {
@@ -517,9 +485,7 @@ impl AgentRegistry {
             ProxyStrategy::DestHost => match host {
                 Some(h) => s.identifiers.matches_host(h),
                 None => {
-                    !(s.identifiers.hosts.is_empty()
-                        && s.identifiers.ipv4.is_empty()
-                        && s.identifiers.ipv6.is_empty())
+                    !(s.identifiers.hosts.is_empty() && s.identifiers.ipv4.is_empty() && s.identifiers.ipv6.is_empty())
                 }
             },
             ProxyStrategy::Cidr => match host {
@@ -536,19 +502,14 @@ impl AgentRegistry {
         let sessions = lock(&self.sessions);
         let mut rng = rand::rng();
         for strategy in &self.strategies {
-            let candidates: Vec<&Arc<AgentSession>> = sessions
-                .iter()
-                .filter(|s| Self::serves(*strategy, s, Some(host)))
-                .collect();
+            let candidates: Vec<&Arc<AgentSession>> =
+                sessions.iter().filter(|s| Self::serves(*strategy, s, Some(host))).collect();
             if candidates.is_empty() {
                 continue;
             }
             let fresh: Vec<_> = candidates.iter().filter(|s| !s.is_draining()).collect();
-            let pool: Vec<&Arc<AgentSession>> = if fresh.is_empty() {
-                candidates.clone()
-            } else {
-                fresh.into_iter().copied().collect()
-            };
+            let pool: Vec<&Arc<AgentSession>> =
+                if fresh.is_empty() { candidates.clone() } else { fresh.into_iter().copied().collect() };
             return Some(pool[rng.random_range(0..pool.len())].clone());
         }
         None
@@ -565,6 +526,9 @@ impl Drop for SessionGuard {
     fn drop(&mut self) {
         lock(&self.registry.sessions).retain(|s| !Arc::ptr_eq(s, &self.session));
         self.registry.update_gauges();
+        if let Some(key) = &self.session.relay_key {
+            self.registry.broker.close_session(key);
+        }
         self.session.fail_all("agent session ended");
     }
 }
@@ -629,15 +593,9 @@ mod tests {
         let s = session.clone();
         let dial = tokio::spawn(async move { s.dial(&spec, None).await });
         let req = PacketKind::of(to_agent.recv().await.expect("DIAL_REQ")).expect("valid");
-        assert!(
-            matches!(req, PacketKind::DialRequest { random: r, half_close: true, .. } if r == random)
-        );
+        assert!(matches!(req, PacketKind::DialRequest { random: r, half_close: true, .. } if r == random));
         session
-            .handle_from_agent(PacketKind::DialResponse {
-                random,
-                connect_id: 7,
-                error: None,
-            })
+            .handle_from_agent(PacketKind::DialResponse { random, connect_id: 7, error: None, relayed: false })
             .await;
         let tunnel = dial.await.expect("joins").expect("connected");
         assert_eq!(tunnel.connect_id, 7);
@@ -648,10 +606,7 @@ mod tests {
         let pending = tokio::spawn(async move { s.dial(&spec2, None).await });
         let _ = to_agent.recv().await;
         drop(guard);
-        assert!(matches!(
-            pending.await.expect("joins"),
-            Err(DialError::Closed(_))
-        ));
+        assert!(matches!(pending.await.expect("joins"), Err(DialError::Closed(_))));
         assert_eq!(session.connection_count(), 0);
     }
 
@@ -659,12 +614,7 @@ mod tests {
     async fn unknown_connect_id_gets_a_close_request_and_nothing_else() {
         let r = registry(vec![ProxyStrategy::Default]);
         let (guard, mut to_agent) = add(&r, "a", "");
-        let data = PacketKind::Data {
-            connect_id: 99,
-            data: Bytes::from_static(b"x"),
-            error: None,
-            eof: false,
-        };
+        let data = PacketKind::Data { connect_id: 99, data: Bytes::from_static(b"x"), error: None, eof: false };
         guard.session.handle_from_agent(data).await;
         let answer = PacketKind::of(to_agent.recv().await.expect("packet")).expect("valid");
         assert_eq!(answer, PacketKind::CloseRequest { connect_id: 99 });
@@ -675,19 +625,10 @@ mod tests {
         let r = registry(vec![ProxyStrategy::Default]);
         let (guard, mut to_agent) = add(&r, "a", "");
         let spec = DialSpec::tcp("127.0.0.1:80", false);
-        let err = guard
-            .session
-            .dial(&spec, Some(Duration::from_millis(20)))
-            .await
-            .expect_err("times out");
+        let err = guard.session.dial(&spec, Some(Duration::from_millis(20))).await.expect_err("times out");
         assert!(matches!(err, DialError::Timeout));
         let _dial_req = to_agent.recv().await;
         let cancel = PacketKind::of(to_agent.recv().await.expect("DIAL_CLS")).expect("valid");
-        assert_eq!(
-            cancel,
-            PacketKind::DialClose {
-                random: spec.random
-            }
-        );
+        assert_eq!(cancel, PacketKind::DialClose { random: spec.random });
     }
 }
