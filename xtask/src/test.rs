@@ -17,10 +17,7 @@ pub struct TestArgs {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -38,16 +35,8 @@ pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
 
 pub fn run(args: TestArgs) -> anyhow::Result<()> {
     if !args.no_lint {
-        cargo(&["fmt", "--all", "--", "--check"])
-            .context("formatting differs: run `cargo fmt --all`")?;
-        cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ])?;
+        cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+        cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     }
     // The end-to-end tests run the real binary, built with the test profile's settings.
     cargo(&["build", "--package", "konduit", "--bin", "konduit"])?;
