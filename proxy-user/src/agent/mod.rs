@@ -7,6 +7,7 @@ mod relay;
 mod session;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,12 +109,14 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         relay_plaintext_ports: args.relay_plaintext_ports.clone(),
         relay_pool_size: args.relay_pool_size,
         metrics: metrics.clone(),
+        draining: AtomicBool::new(false),
     });
     tracing::info!(%agent_id, server = %format!("{}:{}", args.proxy_server_host, args.proxy_server_port), "agent starting");
 
-    let sync = tokio::spawn(sync_sessions(args.clone(), settings, sessions.clone(), shutdown.clone()));
+    let sync = tokio::spawn(sync_sessions(args.clone(), settings.clone(), sessions.clone(), shutdown.clone()));
     shutdown.reached(Phase::Draining).await;
     if shutdown.phase() == Phase::Draining {
+        settings.draining.store(true, Ordering::Relaxed);
         drain(&sessions, args.graceful_shutdown_timeout, &shutdown).await;
     }
     sync.abort();

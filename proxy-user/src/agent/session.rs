@@ -4,7 +4,7 @@
 //! session or touch other connections.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,8 @@ pub struct SessionSettings {
     pub relay_plaintext_ports: Vec<u16>,
     pub relay_pool_size: usize,
     pub metrics: AgentMetrics,
+    /// Set on SIGTERM: new dials are refused, open connections finish.
+    pub draining: AtomicBool,
 }
 
 /// An open session, before its packets are served.
@@ -334,6 +336,12 @@ async fn serve_dial(
     ticket: Option<Token>,
 ) {
     let metrics = &settings.metrics;
+    if settings.draining.load(Ordering::Relaxed) {
+        lock(&state.dials).remove(&random);
+        let error = Some("agent is draining: not taking new connections".to_owned());
+        state.send(PacketKind::DialResponse { random, connect_id: 0, error, relayed: false }).await;
+        return;
+    }
     let started = Instant::now();
     let dialled = dialer::dial_tcp(&protocol, &address, settings.dial_timeout).await;
     // From here on the dial cannot be cancelled; a late DIAL_CLS finds nothing.
