@@ -45,7 +45,14 @@ pub fn bind_unix(path: &str, delete_existing: bool) -> Result<UnixListener> {
     if delete_existing && Path::new(path).exists() {
         std::fs::remove_file(path).map_err(|e| Error::io(Side::Local, format!("remove stale socket {path}"), e))?;
     }
-    UnixListener::bind(path).map_err(|e| Error::io(Side::Local, format!("bind unix socket {path}"), e))
+    let listener =
+        UnixListener::bind(path).map_err(|e| Error::io(Side::Local, format!("bind unix socket {path}"), e))?;
+    // Owner and group may connect (as stock): the API server often runs as
+    // another user of the socket's group.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770))
+        .map_err(|e| Error::io(Side::Local, format!("set permissions of {path}"), e))?;
+    Ok(listener)
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so a

@@ -82,7 +82,8 @@ impl AgentService for AgentServiceImpl {
                         }
                     }
                     Some(Err(status)) => {
-                        tracing::info!(agent = %session.agent_id, error = %status.message(), "agent stream ended with an error");
+                        // A dropped connection surfaces as an h2 error; that is an ordinary disconnect.
+                        tracing::info!(agent = %session.agent_id, reason = %status.message(), "agent disconnected");
                         break;
                     }
                     None => {

@@ -8,11 +8,13 @@ pub mod grpc_frontend;
 pub mod http_connect;
 pub mod registry;
 pub mod relay;
+pub mod uds_authority;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::Server;
 
@@ -112,9 +114,11 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 tracing::info!(uds = %args.uds_name, "gRPC frontend up");
                 let mut builder = builder;
                 let router = builder.add_service(service);
+                // Go clients send an :authority h2 rejects on unix sockets; see uds_authority.
+                let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(uds_authority::wrap));
                 tokio::spawn(async move {
                     router
-                        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), frontend_stopped)
+                        .serve_with_incoming_shutdown(incoming, frontend_stopped)
                         .await
                         .map_err(|e| Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend").because(e))
                 })
