@@ -11,6 +11,7 @@
 
 pub mod flow;
 pub mod packet_bridge;
+pub mod tcp_state;
 
 use std::fmt;
 use std::future::Future;
