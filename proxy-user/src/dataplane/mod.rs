@@ -10,6 +10,7 @@
 //!   it loads.
 
 pub mod flow;
+pub mod kernel_splice;
 pub mod packet_bridge;
 pub mod tcp_state;
 
@@ -20,9 +21,10 @@ use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Which engine moved a connection's bytes (logged and counted per connection).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum EngineKind {
     /// Userspace: DATA packets or a tokio copy between two sockets.
+    #[default]
     Userspace,
     /// Kernel: the eBPF sockmap program joins the two sockets.
     Sockmap,
@@ -46,6 +48,7 @@ impl fmt::Display for EngineKind {
 /// Bytes moved by a splice, each direction, and how it ended.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpliceStats {
+    pub engine: EngineKind,
     pub a_to_b: u64,
     pub b_to_a: u64,
     pub error: Option<String>,
@@ -77,7 +80,7 @@ impl SpliceEngine for UserspaceEngine {
         Box::pin(async move {
             // copy_bidirectional shuts down each write side when its source hits EOF.
             match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, error: None },
+                Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, ..Default::default() },
                 Err(e) => SpliceStats { error: Some(e.to_string()), ..Default::default() },
             }
         })

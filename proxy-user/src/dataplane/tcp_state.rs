@@ -20,6 +20,8 @@ pub struct TcpCounters {
 
 /// The kernel's ESTABLISHED state number.
 pub const TCP_ESTABLISHED: u8 = 1;
+/// The kernel's CLOSE state number (after a reset, or fully closed).
+pub const TCP_CLOSE: u8 = 7;
 
 pub fn counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     // SAFETY: tcp_info is plain old data; zeroed is a valid value, and the
