@@ -1,6 +1,7 @@
 //! konduit's build pipeline: the one entry point for everything beyond a
 //! plain `cargo build` (tests with their set-up, the demo, certificates).
 
+mod ebpf;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -16,10 +17,13 @@ struct Cli {
 enum Command {
     /// Sets up what the tests need, then runs lints and every test (unit, integration, end-to-end).
     Test(test::TestArgs),
+    /// Sets up the eBPF toolchain (nightly rust-src, bpf-linker in target/tools) and builds proxy-ebpf.
+    BuildEbpf,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Test(args) => test::run(args),
+        Command::BuildEbpf => ebpf::build_ebpf().map(|object| println!("{}", object.display())),
     }
 }

@@ -38,6 +38,10 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
         cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
     }
+    // The eBPF toolchain and object first, with progress shown (build.rs would
+    // do the same silently); a toolchain that cannot be set up fails loudly here.
+    crate::ebpf::ensure_toolchain()?;
+    crate::ebpf::build_ebpf()?;
     // The end-to-end tests run the real binary, built with the test profile's settings.
     cargo(&["build", "--package", "konduit", "--bin", "konduit"])?;
     let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];

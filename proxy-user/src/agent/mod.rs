@@ -16,6 +16,7 @@ use rand::Rng;
 
 use crate::admin::AdminEndpoints;
 use crate::config::{AgentArgs, listen_addr};
+use crate::dataplane::engine::Dataplane;
 use crate::error::Result;
 use crate::metrics::AgentMetrics;
 use crate::shutdown::{Phase, Shutdown};
@@ -108,6 +109,7 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         relay: args.relay,
         relay_plaintext_ports: args.relay_plaintext_ports.clone(),
         relay_pool_size: args.relay_pool_size,
+        dataplane: Dataplane::start(args.dataplane)?,
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),
     });

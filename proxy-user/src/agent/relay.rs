@@ -4,7 +4,6 @@
 //! extra round trip.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,13 +22,17 @@ const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 const WARM_MAX_AGE: Duration = Duration::from_secs(240);
 
 /// A relay socket the server accepted for one connection.
-pub struct RelayStream {
-    pub stream: Box<dyn SpliceSocket>,
-    /// Plaintext TCP, so the kernel may splice it.
-    pub plaintext: bool,
-    /// The socket's fd while `stream` owns it, for the sockmap engine.
-    #[expect(dead_code, reason = "read by the sockmap engine, which lands next")]
-    pub raw_fd: Option<RawFd>,
+pub enum RelayStream {
+    /// Carries the tunnelled bytes as they are: the kernel may splice it.
+    Plain(TcpStream),
+    /// Carries them inside TLS: moved in userspace.
+    Tls(Box<dyn SpliceSocket>),
+}
+
+impl RelayStream {
+    pub fn is_plaintext(&self) -> bool {
+        matches!(self, RelayStream::Plain(_))
+    }
 }
 
 /// Opens relay sockets for one session.
@@ -133,7 +136,7 @@ impl RelayConnector {
         tls.write_all(&preamble).await.map_err(|e| format!("relay preamble: {e}"))?;
         let verdict = read_verdict(&mut tls).await?;
         check(verdict)?;
-        Ok(RelayStream { stream: Box::new(tls), plaintext: false, raw_fd: None })
+        Ok(RelayStream::Tls(Box::new(tls)))
     }
 }
 
@@ -157,6 +160,5 @@ fn check(verdict: u8) -> Result<(), String> {
 async fn finish(mut socket: TcpStream, ticket: Token) -> Result<RelayStream, String> {
     socket.write_all(&ticket.0).await.map_err(|e| format!("relay ticket: {e}"))?;
     check(read_verdict(&mut socket).await?)?;
-    let fd = socket.as_raw_fd();
-    Ok(RelayStream { stream: Box::new(socket), plaintext: true, raw_fd: Some(fd) })
+    Ok(RelayStream::Plain(socket))
 }

@@ -22,9 +22,10 @@ use tonic::{Request, Streaming};
 use super::dialer;
 use super::relay::{RelayConnector, RelayStream};
 use crate::dataplane::EngineKind;
+use crate::dataplane::SpliceStats;
+use crate::dataplane::engine::{self, Dataplane, Fallback};
 use crate::dataplane::flow::{DeliverError, Inbound, InboundQueue, SendWindow};
 use crate::dataplane::packet_bridge::{self, PacketLink, Role};
-use crate::dataplane::{SpliceEngine, SpliceStats, UserspaceEngine};
 use crate::error::{Error, ErrorKind, Result, Side};
 use crate::metrics::{AgentMetrics, packet_type_label};
 use crate::protocol::pb::Packet;
@@ -55,6 +56,8 @@ pub struct SessionSettings {
     /// Destination ports whose relay may be plaintext (spliceable).
     pub relay_plaintext_ports: Vec<u16>,
     pub relay_pool_size: usize,
+    /// Engines for relayed connections.
+    pub dataplane: Dataplane,
     pub metrics: AgentMetrics,
     /// Set on SIGTERM: new dials are refused, open connections finish.
     pub draining: AtomicBool,
@@ -417,13 +420,41 @@ async fn serve_relayed(
     let metrics = &settings.metrics;
     let connect_id = state.next_connect_id.fetch_add(1, Ordering::Relaxed);
     // Only control events arrive for a relayed connection (CLOSE_REQ, session end).
-    let (inbound, mut control) = InboundQueue::new(false);
+    let (inbound, control) = InboundQueue::new(false);
     lock(&state.conns).insert(connect_id, ConnEntry { inbound, window: None });
     metrics.open_endpoint_connections.inc();
-    let engine = UserspaceEngine;
-    let splice = engine.splice(Box::new(backend), relay.stream);
+    // The kernel engine inserts the pair before the dial is answered, so the
+    // client's first byte (sent only after the answer) cannot overtake anything.
+    let plaintext = relay.is_plaintext();
+    let prepared = match relay {
+        RelayStream::Plain(relay) => settings.dataplane.prepare(relay, backend),
+        RelayStream::Tls(relay) => {
+            metrics.dataplane.fallbacks.with_label_values(&[Fallback::Encrypted.as_str()]).inc();
+            let splice = engine::userspace(relay, Box::new(backend));
+            state.send(PacketKind::DialResponse { random, connect_id, error: None, relayed: true }).await;
+            tracing::debug!(server = %state.server_id, %address, connect_id, engine = "userspace", plaintext, "connected over a TLS relay socket");
+            return finish_relayed(&state, &settings, &address, connect_id, control, splice).await;
+        }
+    };
+    if let Some(fallback) = prepared.fallback() {
+        metrics.dataplane.fallbacks.with_label_values(&[fallback.as_str()]).inc();
+    }
+    let engine = prepared.engine();
     state.send(PacketKind::DialResponse { random, connect_id, error: None, relayed: true }).await;
-    tracing::debug!(server = %state.server_id, %address, connect_id, engine = %engine.kind(), plaintext = relay.plaintext, "connected over a relay socket");
+    tracing::debug!(server = %state.server_id, %address, connect_id, %engine, plaintext, "connected over a relay socket");
+    finish_relayed(&state, &settings, &address, connect_id, control, prepared.run()).await;
+}
+
+/// Runs a relayed connection's splice until it ends or the server closes it.
+async fn finish_relayed(
+    state: &Arc<SessionState>,
+    settings: &Arc<SessionSettings>,
+    address: &str,
+    connect_id: i64,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Inbound>,
+    splice: impl std::future::Future<Output = SpliceStats>,
+) {
+    let metrics = &settings.metrics;
     let closed_by_server = async {
         while let Some(event) = control.recv().await {
             if let Inbound::Close(_) = event {
@@ -437,7 +468,8 @@ async fn serve_relayed(
     };
     lock(&state.conns).remove(&connect_id);
     metrics.open_endpoint_connections.dec();
-    metrics.dataplane.record(engine.kind(), stats.b_to_a, stats.a_to_b);
+    // a = relay (toward the server), b = backend (on this node).
+    metrics.dataplane.record(stats.engine, stats.a_to_b, stats.b_to_a);
     state.send(PacketKind::CloseResponse { connect_id, error: None }).await;
     if let Some(e) = stats.error {
         tracing::debug!(server = %state.server_id, %address, connect_id, error = %e, "relayed connection ended with an error");

@@ -164,6 +164,12 @@ pub struct ServerArgs {
     #[arg(long, default_value = "")]
     pub relay_advertise_address: String,
 
+    /// konduit: engine for spliced connections: auto, sockmap (or refuse to start), userspace.
+    /// The server splices nothing in the kernel yet (its frontends are TLS or unix
+    /// sockets); the flag is accepted and checked so both ends share one config.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dataplane: crate::dataplane::engine::DataplaneMode,
+
     // Token review of agents. Accepted so stock manifests start; see `unenforced`.
     #[arg(long, default_value = "")]
     pub agent_namespace: String,
@@ -291,6 +297,11 @@ pub struct AgentArgs {
     /// konduit: relay sockets kept open and authenticated ahead of dials, per server.
     #[arg(long, default_value_t = 8)]
     pub relay_pool_size: usize,
+
+    /// konduit: engine for spliced connections: auto (sockmap when the eBPF program loads,
+    /// else userspace with a warning), sockmap (or refuse to start), userspace.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dataplane: crate::dataplane::engine::DataplaneMode,
 
     /// konduit: timeout for dialling a destination (stock: fixed 5s).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]

@@ -148,13 +148,25 @@ async fn drain_then_shutdown(
     }
 }
 
-/// Splices `a` and `b` with `map` until both directions are done. The caller
-/// checked [`spliceable`]; an insert failure is returned with both sockets.
-pub async fn splice<M: PairMap>(
+/// A pair joined in the kernel, not yet watched. Made by [`join`]; the
+/// caller answers the dial in between, so that the client's first byte comes
+/// after the insert (no reordering).
+pub struct Joined<M: PairMap> {
+    map: Arc<M>,
+    pair: M::Pair,
+    a: TcpStream,
+    b: TcpStream,
+    a_to_b: Direction,
+    b_to_a: Direction,
+}
+
+/// Joins `a` and `b` in `map` (the caller checked [`spliceable`]). On
+/// refusal both sockets come back with the reason, for the userspace engine.
+pub fn join<M: PairMap>(
     map: &Arc<M>,
     a: TcpStream,
     b: TcpStream,
-) -> Result<SpliceStats, (NotSpliced, TcpStream, TcpStream)> {
+) -> Result<Joined<M>, (NotSpliced, TcpStream, TcpStream)> {
     let base = |s: &TcpStream| tcp_state::counters(s.as_fd()).ok().zip(tcp_state::unacked_send_queue(s.as_fd()).ok());
     let (Some((a_base, a_outq)), Some((b_base, b_outq))) = (base(&a), base(&b)) else {
         return Err((NotSpliced::NotEstablished, a, b));
@@ -169,52 +181,74 @@ pub async fn splice<M: PairMap>(
             return Err((reason, a, b));
         }
     };
-    let a_to_b = Direction { source_base: a_base, sink_base: b_base, sink_outq_base: b_outq };
-    let b_to_a = Direction { source_base: b_base, sink_base: a_base, sink_outq_base: a_outq };
-    let mut stats = SpliceStats { engine: EngineKind::Sockmap, ..Default::default() };
+    Ok(Joined {
+        map: map.clone(),
+        pair,
+        a,
+        b,
+        a_to_b: Direction { source_base: a_base, sink_base: b_base, sink_outq_base: b_outq },
+        b_to_a: Direction { source_base: b_base, sink_base: a_base, sink_outq_base: a_outq },
+    })
+}
 
-    let (a_fin_sent, b_fin_sent) = (AtomicBool::new(false), AtomicBool::new(false));
-    let forward = async {
-        match watch(&a, &a_fin_sent).await {
-            Event::Eof => drain_then_shutdown(a_to_b, &a, &b, &b_fin_sent).await.map_err(Some),
-            Event::Failed(e) => Err(Some(e)),
+/// Splices `a` and `b` with `map` until both directions are done (join, then run).
+pub async fn splice<M: PairMap>(
+    map: &Arc<M>,
+    a: TcpStream,
+    b: TcpStream,
+) -> Result<SpliceStats, (NotSpliced, TcpStream, TcpStream)> {
+    Ok(join(map, a, b)?.run().await)
+}
+
+impl<M: PairMap> Joined<M> {
+    /// Watches the pair until both directions are done or one aborts, then
+    /// removes it from the map.
+    pub async fn run(self) -> SpliceStats {
+        let Joined { map, pair, a, b, a_to_b, b_to_a } = self;
+        let mut stats = SpliceStats { engine: EngineKind::Sockmap, ..Default::default() };
+        let (a_fin_sent, b_fin_sent) = (AtomicBool::new(false), AtomicBool::new(false));
+        let forward = async {
+            match watch(&a, &a_fin_sent).await {
+                Event::Eof => drain_then_shutdown(a_to_b, &a, &b, &b_fin_sent).await.map_err(Some),
+                Event::Failed(e) => Err(Some(e)),
+            }
+        };
+        let backward = async {
+            match watch(&b, &b_fin_sent).await {
+                Event::Eof => drain_then_shutdown(b_to_a, &b, &a, &a_fin_sent).await.map_err(Some),
+                Event::Failed(e) => Err(Some(e)),
+            }
+        };
+        tokio::pin!(forward, backward);
+        let (mut fwd, mut bwd) = (None, None);
+        while fwd.is_none() || bwd.is_none() {
+            tokio::select! {
+                r = &mut forward, if fwd.is_none() => fwd = Some(r),
+                r = &mut backward, if bwd.is_none() => bwd = Some(r),
+            }
+            // An abort on either side is passed on as an abort (RST) at once.
+            let failed = matches!(fwd, Some(Err(_))) || matches!(bwd, Some(Err(_)));
+            if failed {
+                let _ = tcp_state::abort_on_close(&a);
+                let _ = tcp_state::abort_on_close(&b);
+                break;
+            }
         }
-    };
-    let backward = async {
-        match watch(&b, &b_fin_sent).await {
-            Event::Eof => drain_then_shutdown(b_to_a, &b, &a, &a_fin_sent).await.map_err(Some),
-            Event::Failed(e) => Err(Some(e)),
-        }
-    };
-    tokio::pin!(forward, backward);
-    let (mut fwd, mut bwd) = (None, None);
-    while fwd.is_none() || bwd.is_none() {
-        tokio::select! {
-            r = &mut forward, if fwd.is_none() => fwd = Some(r),
-            r = &mut backward, if bwd.is_none() => bwd = Some(r),
-        }
-        // An abort on either side is passed on as an abort (RST) at once.
-        let failed = matches!(fwd, Some(Err(_))) || matches!(bwd, Some(Err(_)));
-        if failed {
-            let _ = tcp_state::abort_on_close(&a);
-            let _ = tcp_state::abort_on_close(&b);
-            break;
-        }
+        map.remove(pair);
+        let moved =
+            |d: &Direction, s: &TcpStream, k: &TcpStream| d.progress(s.as_fd(), k.as_fd()).map(|(_, p)| p).unwrap_or(0);
+        // A finished direction knows its exact payload; an aborted one reports what had passed.
+        stats.a_to_b = match &fwd {
+            Some(Ok(n)) => *n,
+            _ => moved(&a_to_b, &a, &b),
+        };
+        stats.b_to_a = match &bwd {
+            Some(Ok(n)) => *n,
+            _ => moved(&b_to_a, &b, &a),
+        };
+        stats.error = [fwd, bwd].into_iter().flatten().find_map(|r| r.err().flatten()).map(|e| e.to_string());
+        stats
     }
-    map.remove(pair);
-    let moved =
-        |d: &Direction, s: &TcpStream, k: &TcpStream| d.progress(s.as_fd(), k.as_fd()).map(|(_, p)| p).unwrap_or(0);
-    // A finished direction knows its exact payload; an aborted one reports what had passed.
-    stats.a_to_b = match &fwd {
-        Some(Ok(n)) => *n,
-        _ => moved(&a_to_b, &a, &b),
-    };
-    stats.b_to_a = match &bwd {
-        Some(Ok(n)) => *n,
-        _ => moved(&b_to_a, &b, &a),
-    };
-    stats.error = [fwd, bwd].into_iter().flatten().find_map(|r| r.err().flatten()).map(|e| e.to_string());
-    Ok(stats)
 }
 
 #[cfg(test)]

@@ -9,9 +9,11 @@
 //!   a [`SpliceEngine`]: in userspace today, by the eBPF sockmap engine where
 //!   it loads.
 
+pub mod engine;
 pub mod flow;
 pub mod kernel_splice;
 pub mod packet_bridge;
+pub mod sockmap;
 pub mod tcp_state;
 
 use std::fmt;
