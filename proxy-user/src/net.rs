@@ -55,9 +55,52 @@ pub fn bind_unix(path: &str, delete_existing: bool) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, so a
-/// slow or hostile client never delays another. Failed handshakes are logged
-/// with the peer and reason and close only that connection.
+/// Accepts TCP connections until aborted and hands each (tuned) to its own
+/// task, so a slow or hostile client never delays another.
+pub fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, on_accept: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    tune(&stream);
+                    tokio::spawn(on_accept(stream, peer));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Completes a TLS handshake within [`TLS_HANDSHAKE_TIMEOUT`]; a failure is
+/// logged with the peer and reason and closes only that connection.
+pub async fn tls_handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    what: &'static str,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, listener = what, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%peer, listener = what, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Accepts TLS connections, handshaking concurrently, and yields the finished ones.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -65,33 +108,12 @@ pub fn tls_incoming(
 ) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, listener = what, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
+    accept_loop(listener, what, move |stream, peer| {
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        async move {
+            if let Some(tls) = tls_handshake(&acceptor, stream, peer, what).await {
+                let _ = tx.send(Ok(tls)).await;
             }
-            tune(&stream);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, listener = what, error = %e, "TLS handshake failed")
-                    }
-                    Err(_) => tracing::warn!(%peer, listener = what, "TLS handshake timed out"),
-                }
-            });
         }
     });
     rx

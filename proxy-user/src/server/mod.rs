@@ -20,7 +20,7 @@ use tonic::transport::Server;
 
 use crate::admin::AdminEndpoints;
 use crate::config::{FrontendMode, ServerArgs, listen_addr};
-use crate::error::{Error, Result, Side};
+use crate::error::Result;
 use crate::metrics::ServerMetrics;
 use crate::net;
 use crate::protocol::Features;
@@ -101,7 +101,9 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
     // Frontend.
     let drain = shutdown.clone();
     let frontend_stopped = async move { drain.reached(Phase::Draining).await };
-    let frontend: tokio::task::JoinHandle<Result<()>> = match args.mode {
+    // Each arm yields the task that accepts new frontend connections; it stops
+    // at SIGTERM (drain), while connections already accepted run on.
+    let frontend: tokio::task::JoinHandle<()> = match args.mode {
         FrontendMode::Grpc => {
             let service = ProxyServiceServer::new(grpc_frontend::ProxyServiceImpl {
                 registry: registry.clone(),
@@ -117,10 +119,9 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 // Go clients send an :authority h2 rejects on unix sockets; see uds_authority.
                 let incoming = UnixListenerStream::new(listener).map(|accepted| accepted.map(uds_authority::wrap));
                 tokio::spawn(async move {
-                    router
-                        .serve_with_incoming_shutdown(incoming, frontend_stopped)
-                        .await
-                        .map_err(|e| Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend").because(e))
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, frontend_stopped).await {
+                        tracing::error!(error = %e, "gRPC frontend stopped");
+                    }
                 })
             } else {
                 let config = frontend_tls(&args, tls::ALPN_H2)?;
@@ -131,10 +132,9 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 let mut builder = builder;
                 let router = builder.add_service(service);
                 tokio::spawn(async move {
-                    router
-                        .serve_with_incoming_shutdown(incoming, frontend_stopped)
-                        .await
-                        .map_err(|e| Error::new(Side::Local, crate::ErrorKind::Io, "gRPC frontend").because(e))
+                    if let Err(e) = router.serve_with_incoming_shutdown(incoming, frontend_stopped).await {
+                        tracing::error!(error = %e, "gRPC frontend stopped");
+                    }
                 })
             }
         }
@@ -148,27 +148,34 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 let listener = net::bind_unix(&args.uds_name, args.delete_existing_uds_file)?;
                 tracing::info!(uds = %args.uds_name, "HTTP-CONNECT frontend up");
                 let (registry, metrics) = (registry.clone(), metrics.clone());
-                tokio::spawn(async move {
-                    tokio::pin!(frontend_stopped);
+                let accept = async move {
                     loop {
-                        let (stream, _) = tokio::select! {
-                            accepted = listener.accept() => match accepted {
-                                Ok(x) => x,
-                                Err(e) => { tracing::warn!(error = %e, "accept on frontend socket failed"); continue; }
-                            },
-                            _ = &mut frontend_stopped => return Ok(()),
+                        let stream = match listener.accept().await {
+                            Ok((stream, _)) => stream,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept on frontend socket failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
                         };
                         let peer = stream
                             .peer_cred()
                             .map(|c| format!("uds pid={:?} uid={}", c.pid(), c.uid()))
                             .unwrap_or_else(|_| "uds".into());
-                        tokio::spawn(http_connect::serve_connection(
+                        let serve = http_connect::serve_connection(
                             stream,
                             peer,
                             registry.clone(),
                             settings.clone(),
                             metrics.clone(),
-                        ));
+                        );
+                        tokio::spawn(serve);
+                    }
+                };
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = accept => {}
+                        () = frontend_stopped => {}
                     }
                 })
             } else {
@@ -176,28 +183,20 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 let addr = listen_addr(&args.server_bind_address, args.server_port)?;
                 let listener = net::bind_tcp(addr, "frontend").await?;
                 tracing::info!(%addr, "HTTP-CONNECT frontend up (mTLS)");
-                let mut incoming = net::tls_incoming(listener, config, "frontend");
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let (registry, metrics) = (registry.clone(), metrics.clone());
-                tokio::spawn(async move {
-                    tokio::pin!(frontend_stopped);
-                    loop {
-                        let stream = tokio::select! {
-                            accepted = incoming.recv() => match accepted {
-                                Some(Ok(s)) => s,
-                                Some(Err(_)) => continue,
-                                None => return Ok(()),
-                            },
-                            _ = &mut frontend_stopped => return Ok(()),
-                        };
-                        let peer = stream.get_ref().0.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                        tokio::spawn(http_connect::serve_connection(
-                            stream,
-                            peer,
-                            registry.clone(),
-                            settings.clone(),
-                            metrics.clone(),
-                        ));
+                let accept = net::accept_loop(listener, "frontend", move |stream, peer| {
+                    let (acceptor, registry, settings, metrics) =
+                        (acceptor.clone(), registry.clone(), settings.clone(), metrics.clone());
+                    async move {
+                        if let Some(tls) = net::tls_handshake(&acceptor, stream, peer, "frontend").await {
+                            http_connect::serve_connection(tls, peer.to_string(), registry, settings, metrics).await;
+                        }
                     }
+                });
+                tokio::spawn(async move {
+                    frontend_stopped.await;
+                    accept.abort();
                 })
             }
         }
