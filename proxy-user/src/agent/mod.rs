@@ -148,6 +148,11 @@ async fn drain(sessions: &Sessions, grace: Duration, shutdown: &Shutdown) {
             _ = shutdown.reached(Phase::Stopping) => break,
         }
     }
+    for s in &open {
+        s.flushed(Duration::from_secs(1)).await;
+    }
+    // The stream took the packets; give HTTP/2 a moment to put them on the wire.
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Keeps one session per server: opens sessions until `servercount` distinct

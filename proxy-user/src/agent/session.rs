@@ -101,6 +101,15 @@ impl SessionState {
         let _ = self.outbound.send(PacketKind::Drain.into_packet()).await;
     }
 
+    /// Waits (bounded) until every queued packet was taken by the gRPC stream,
+    /// so that a DRAIN or CLOSE_RSP is not lost when the process exits.
+    pub async fn flushed(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.outbound.capacity() < self.outbound.max_capacity() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn send(&self, kind: PacketKind) {
         let _ = self.outbound.send(kind.into_packet()).await;
     }
