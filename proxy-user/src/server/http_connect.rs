@@ -82,7 +82,7 @@ pub async fn serve_connection<S>(
                 other => format!("{other}\n"),
             };
             let _ = stream.write_all(&http_connect::error_response(code, reason, &body)).await;
-            let _ = stream.shutdown().await;
+            lingering_close(&mut stream).await;
             return;
         }
         Err(HeaderError::Timeout) => {
@@ -163,6 +163,26 @@ pub async fn serve_connection<S>(
         Some(e) => tracing::info!(%peer, %address, connect_id, %engine, error = %e, "tunnel ended with an error"),
         None => tracing::debug!(%peer, %address, connect_id, %engine, up = to_node, down = from_node, "tunnel closed"),
     }
+}
+
+/// Closes after an error reply without resetting the connection: unread
+/// request bytes at close would make the kernel send RST, and the client
+/// might lose the reply. Reads (and drops) what the client still sends, bounded.
+async fn lingering_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    const LINGER: Duration = Duration::from_millis(500);
+    const MAX_DISCARD: usize = 1 << 20;
+    let _ = stream.shutdown().await;
+    let mut discarded = 0;
+    let mut buf = [0u8; 8192];
+    let drain = async {
+        while discarded < MAX_DISCARD {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// Decrements a gauge when the connection ends, however it ends.

@@ -117,7 +117,7 @@ fn headers_fragment(flags: u8, payload: &[u8]) -> Result<&[u8], RewriteError> {
 }
 
 /// Copies client → server, rewriting header blocks, until the client closes.
-async fn pump_client<R, W>(mut client: R, mut server: W) -> Result<(), RewriteError>
+async fn pump_client<R, W>(mut client: R, server: &mut W) -> Result<(), RewriteError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -143,7 +143,7 @@ where
         if kind != TYPE_HEADERS {
             // Everything else (DATA, SETTINGS, WINDOW_UPDATE, …) passes unchanged.
             server.write_all(&header).await?;
-            let copied = tokio::io::copy(&mut (&mut client).take(len as u64), &mut server).await?;
+            let copied = tokio::io::copy(&mut (&mut client).take(len as u64), server).await?;
             if copied < len as u64 {
                 break;
             }
@@ -168,9 +168,8 @@ where
             client.read_exact(&mut block[start..]).await?;
         }
         let rewritten = rewriter.rewrite(&block)?;
-        write_header_block(&mut server, stream, flags & FLAG_END_STREAM != 0, &rewritten).await?;
+        write_header_block(server, stream, flags & FLAG_END_STREAM != 0, &rewritten).await?;
     }
-    server.shutdown().await?;
     Ok(())
 }
 
@@ -183,16 +182,29 @@ where
     let (ours, theirs) = tokio::io::duplex(256 * 1024);
     tokio::spawn(async move {
         let (client_read, mut client_write) = tokio::io::split(client);
-        let (server_read, server_write) = tokio::io::split(ours);
-        let upstream = pump_client(client_read, server_write);
-        let downstream = async move {
-            let mut server_read = server_read;
+        let (mut server_read, mut server_write) = tokio::io::split(ours);
+        let upstream = async {
+            let pumped = pump_client(client_read, &mut server_write).await;
+            if pumped.is_ok() {
+                // The client finished: let the gRPC server see the end too.
+                let _ = server_write.shutdown().await;
+            }
+            pumped
+        };
+        let downstream = async {
             let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
             let _ = client_write.shutdown().await;
         };
-        let (up, ()) = tokio::join!(upstream, downstream);
-        if let Err(e) = up {
-            tracing::info!(error = %e, "gRPC frontend connection on the unix socket ended");
+        tokio::pin!(upstream, downstream);
+        tokio::select! {
+            pumped = &mut upstream => match pumped {
+                Ok(()) => downstream.await,
+                // Not HTTP/2, or a broken header block: returning drops both
+                // sockets, so the client is closed and the gRPC server sees EOF.
+                Err(e) => tracing::info!(error = %e, "gRPC frontend connection on the unix socket refused"),
+            },
+            // The gRPC server closed the connection: nothing more to pass on.
+            () = &mut downstream => {}
         }
     });
     theirs
