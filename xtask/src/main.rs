@@ -1,6 +1,7 @@
 //! konduit's build pipeline: the one entry point for everything beyond a
 //! plain `cargo build` (tests with their set-up, the demo, certificates).
 
+mod demo;
 mod ebpf;
 mod test;
 
@@ -17,6 +18,9 @@ struct Cli {
 enum Command {
     /// Sets up what the tests need, then runs lints and every test (unit, integration, end-to-end).
     Test(test::TestArgs),
+    /// Builds konduit, starts two servers with two agents each, and narrates real traffic
+    /// through every frontend (curl via HTTPS proxy, gRPC tunnels, a timed bulk transfer).
+    Demo(demo::DemoArgs),
     /// Sets up the eBPF toolchain (nightly rust-src, bpf-linker in target/tools) and builds proxy-ebpf.
     BuildEbpf,
 }
@@ -24,6 +28,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::BuildEbpf => ebpf::build_ebpf().map(|object| println!("{}", object.display())),
     }
 }
