@@ -36,8 +36,8 @@ pub struct ProxyServiceImpl {
 struct FrontendConn {
     session: Arc<AgentSession>,
     route: Route,
-    /// Moves the agent's side toward the frontend.
-    task: JoinHandle<()>,
+    /// Moves the agent's side toward the frontend (set once DIAL_RSP is sent).
+    task: Option<JoinHandle<()>>,
 }
 
 /// Where the frontend's DATA for a connection goes.
@@ -176,7 +176,9 @@ impl ProxyService for ProxyServiceImpl {
             }
             let leftovers: Vec<_> = lock(&conns).drain().collect();
             for (connect_id, conn) in leftovers {
-                conn.task.abort();
+                if let Some(task) = &conn.task {
+                    task.abort();
+                }
                 // A relayed connection ends when its socket drops (with the task).
                 if let Route::Packets(_) = conn.route {
                     let _ = conn.session.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
@@ -215,20 +217,16 @@ async fn dial(
         }
     };
     let connect_id = tunnel.connect_id;
-    let rsp = PacketKind::DialResponse { random, connect_id, error: None, relayed: false };
-    if to_frontend.send(rsp.into_packet()).await.is_err() {
-        if let Leg::Packets(_) = tunnel.leg {
-            let _ = session.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
-            session.release(connect_id);
-        }
-        return;
-    }
-    // Registered before the task starts, so the task's clean-up always finds it.
-    let mut conns_guard = lock(&conns);
-    let (route, task) = match tunnel.leg {
+    // The route is registered before the frontend hears DIAL_RSP (its first DATA
+    // may follow at once), and the task that sends toward the frontend starts
+    // only after DIAL_RSP was queued (nothing may overtake it).
+    let (route, start): (Route, Box<dyn FnOnce() -> JoinHandle<()> + Send>) = match tunnel.leg {
         Leg::Packets(leg) => {
-            let window = leg.window.clone();
-            (Route::Packets(window), tokio::spawn(forward_to_frontend(connect_id, leg, to_frontend, conns.clone())))
+            let (to_frontend, conns) = (to_frontend.clone(), conns.clone());
+            (
+                Route::Packets(leg.window.clone()),
+                Box::new(move || tokio::spawn(forward_to_frontend(connect_id, leg, to_frontend, conns))),
+            )
         }
         Leg::Relay(socket) => {
             // The frontend speaks DATA, the relay is a raw socket: bridge them here,
@@ -236,21 +234,39 @@ async fn dial(
             let (queue, from_frontend) = InboundQueue::new(false);
             let link = PacketLink {
                 connect_id,
-                to_peer: to_frontend,
+                to_peer: to_frontend.clone(),
                 from_peer: from_frontend,
                 send_window: None,
                 half_close: false,
                 role: Role::Agent,
             };
             let conns = conns.clone();
-            let task = tokio::spawn(async move {
-                packet_bridge::bridge(socket.stream, link, Bytes::new()).await;
-                lock(&conns).remove(&connect_id);
-            });
-            (Route::Relay(queue), task)
+            let start = move || {
+                tokio::spawn(async move {
+                    packet_bridge::bridge(socket.stream, link, Bytes::new()).await;
+                    lock(&conns).remove(&connect_id);
+                })
+            };
+            (Route::Relay(queue), Box::new(start))
         }
     };
-    conns_guard.insert(connect_id, FrontendConn { session, route, task });
+    let packets = matches!(route, Route::Packets(_));
+    lock(&conns).insert(connect_id, FrontendConn { session: session.clone(), route, task: None });
+    let rsp = PacketKind::DialResponse { random, connect_id, error: None, relayed: false };
+    if to_frontend.send(rsp.into_packet()).await.is_err() {
+        lock(&conns).remove(&connect_id);
+        if packets {
+            let _ = session.send(PacketKind::CloseRequest { connect_id }.into_packet()).await;
+            session.release(connect_id);
+        }
+        return;
+    }
+    let task = start();
+    match lock(&conns).get_mut(&connect_id) {
+        Some(conn) => conn.task = Some(task),
+        // The frontend went away meanwhile; its clean-up did not see the task.
+        None => task.abort(),
+    }
 }
 
 /// Moves one connection's packets from the agent to the frontend, granting
