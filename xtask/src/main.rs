@@ -1,6 +1,7 @@
 //! konduit's build pipeline: the one entry point for everything beyond a
 //! plain `cargo build` (tests with their set-up, the demo, certificates).
 
+mod bench;
 mod demo;
 mod ebpf;
 mod test;
@@ -21,6 +22,9 @@ enum Command {
     /// Builds konduit, starts two servers with two agents each, and narrates real traffic
     /// through every frontend (curl via HTTPS proxy, gRPC tunnels, a timed bulk transfer).
     Demo(demo::DemoArgs),
+    /// Benchmarks direct TCP, every konduit frontend × data plane and (with --peers) other tunnels;
+    /// writes results/<timestamp>/.
+    Bench(bench::BenchArgs),
     /// Sets up the eBPF toolchain (nightly rust-src, bpf-linker in target/tools) and builds proxy-ebpf.
     BuildEbpf,
 }
@@ -29,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::BuildEbpf => ebpf::build_ebpf().map(|object| println!("{}", object.display())),
     }
 }
