@@ -264,6 +264,11 @@ impl AgentSession {
     /// Forgets a connection whose frontend is gone; if the agent never
     /// answers our CLOSE_REQ, the entry still goes after [`CLOSE_RSP_WAIT`].
     pub fn release(self: &Arc<Self>, connect_id: i64) {
+        // Most connections end with the agent's CLOSE_RSP, which already removed
+        // the entry: no timer for those (this runs once per tunnel).
+        if !lock(&self.conns).contains_key(&connect_id) {
+            return;
+        }
         let session = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(CLOSE_RSP_WAIT).await;
