@@ -46,6 +46,7 @@ fn ebpf_object() -> anyhow::Result<()> {
             let layout = konduit_ebpf_build::Layout::from_out_dir(&out_dir, &workspace.join("target"));
             // Rebuild on any change to the eBPF crate, or when its toolchain was (re)installed.
             println!("cargo:rerun-if-changed={}", crate_dir.display());
+            println!("cargo:rerun-if-changed={}", workspace.join("proxy-common").display());
             println!("cargo:rerun-if-changed={}", layout.tools().join("bpf-linker.stamp").display());
             konduit_ebpf_build::build(&layout, &crate_dir, konduit_ebpf_build::Console::BuildScript)?
         }

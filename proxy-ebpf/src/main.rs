@@ -1,21 +1,25 @@
 //! konduit's kernel data plane: joins two stream sockets so that every byte
-//! received on one is sent out of the other without entering userspace.
+//! received on one is sent out of the other without entering userspace, up to
+//! the credit userspace granted.
 //!
-//! Owns only the per-skb decision and the byte counter. Userspace
-//! (`proxy-user/src/dataplane/sockmap.rs`) owns everything else: which sockets
-//! enter the maps and when, the rule-5 kick after an insert, EOF, drain,
-//! half-close and removal. Rule numbers are those of SOCKMAP-NOTES.md.
+//! Owns only the per-skb decision (redirect, or leave it for userspace) and
+//! the per-direction accounting in `FLOWS`. Userspace
+//! (`proxy-user/src/dataplane/sockmap.rs` and `kernel_splice.rs`) owns
+//! everything else: which sockets enter the maps and when, the rule-5 kick
+//! after an insert, credit, moving passed bytes, EOF, drain, half-close and
+//! removal. Rule numbers are those of SOCKMAP-NOTES.md.
 #![no_std]
 #![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::helpers::bpf_get_socket_cookie;
 use aya_ebpf::macros::{map, stream_verdict};
-use aya_ebpf::maps::{HashMap, SockHash};
+use aya_ebpf::maps::{Array, HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
+use konduit_common::{BPF_F_MMAPABLE, FlowState, MAX_FLOWS};
 
-/// Spliced connections a node holds at once (two sockets each).
-const MAX_SPLICED_SOCKETS: u32 = 65_536;
 /// Allocate hash elements on insert instead of the whole table at load (BPF_F_NO_PREALLOC).
 const BPF_F_NO_PREALLOC: u32 = 1;
 
@@ -23,20 +27,30 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// verdict of a socket finds where to send with its own cookie as the key.
 /// Userspace inserts the side that does not speak first (the backend) first.
 #[map]
-static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+static PEERS: SockHash<u64> = SockHash::with_max_entries(MAX_FLOWS, 0);
 
-/// Bytes redirected away from a socket, keyed by that socket's cookie.
-/// Userspace creates each entry (at 0) before the socket enters `PEERS` and
-/// deletes it at removal; the program only adds to an existing entry, so a
-/// late skb can never recreate one and leak it.
+/// Socket cookie → its slot in `FLOWS` (the direction that starts at it).
+/// Userspace creates the entry (and resets the slot) before the socket
+/// enters `PEERS` and deletes it after the socket left; the program never
+/// writes it.
 #[map]
-static SPLICED_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, BPF_F_NO_PREALLOC);
+static FLOW_SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
+
+/// Per-direction state, memory-mapped by userspace (see `FlowState` for who
+/// writes which field).
+#[map]
+static FLOWS: Array<FlowState> = Array::with_max_entries(MAX_FLOWS, BPF_F_MMAPABLE);
+
+/// Slots whose credit is running low: userspace wakes up and grants more
+/// before the flow has to stop. One `u32` per crossing, so it stays small.
+#[map]
+static FLOW_WAKEUPS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 /// Runs for every skb a socket in `PEERS` receives (attached to the map as
-/// its stream verdict) and redirects it to the egress of the socket's peer.
+/// its stream verdict).
 #[stream_verdict]
 pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
-    let len = ctx.len();
+    let len = u64::from(ctx.len());
     // Rule 3: the FIN reaches the verdict as a zero-length skb; redirecting it
     // makes the peer report EPIPE and stop sending. Drop it: FIN is never
     // forwarded in the kernel (rule 1), userspace propagates it with
@@ -47,24 +61,54 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: `ctx.skb.skb` is the `__sk_buff` the kernel passed to this
     // program; bpf_get_socket_cookie only reads the socket it belongs to.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    // Redirect to the egress (flags 0, not BPF_F_INGRESS) of the entry keyed
-    // by our own cookie: our peer. The helper answers SK_PASS when it found
-    // the peer (the kernel then queues the skb on the peer's psock and a
-    // kernel worker sends it, rule 2), SK_DROP when there is none.
-    let verdict = PEERS.redirect_skb(&ctx, &mut cookie, 0) as u32;
-    if verdict == SK_PASS
-        && let Some(total) = SPLICED_BYTES.get_ptr_mut(cookie)
-    {
-        // For TCP every verdict of one socket runs under that socket's lock
-        // (softirq, or the recvmsg kick of rule 5), so nothing else writes
-        // this entry and userspace only reads it. (The target has no atomic
-        // read-modify-write in core; recheck this before splicing unix sockets,
-        // whose verdict runs in the sender's context.)
-        // SAFETY: the pointer comes from a successful map lookup and the
-        // entry is a plain u64 that only this socket's verdict writes.
-        unsafe { *total += u64::from(len) };
+    // SAFETY: a plain lookup; the value is a copy of a u32.
+    let Some(slot) = (unsafe { FLOW_SLOTS.get(&cookie) }).copied() else {
+        // Not set up by userspace (cannot happen for sockets it inserted):
+        // leave the bytes on the socket rather than send them unaccounted.
+        return SK_PASS;
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(slot) else {
+        return SK_PASS;
+    };
+    // SAFETY: `flow` points into the array map's value area, valid while the
+    // program runs. The verdict runs of one socket are serialised by its lock
+    // (softirq, or the recvmsg kick of rule 5), so it is the only writer of
+    // `redirected` and `passed`; userspace writes the other fields through
+    // its mapping, hence volatile reads (8-byte aligned: single loads).
+    unsafe {
+        let redirected = read_volatile(addr_of!((*flow).redirected));
+        let passed = read_volatile(addr_of!((*flow).passed));
+        let delivered = read_volatile(addr_of!((*flow).delivered));
+        let limit = read_volatile(addr_of!((*flow).limit));
+        let sent = redirected + passed;
+        // Rule 7, the valve. Redirect only when userspace has moved every byte
+        // passed to it before (else this skb would overtake them) and the
+        // credit covers this skb (else the peer is not keeping up).
+        if passed == delivered && sent + len <= limit {
+            // Redirect to the egress (flags 0, not BPF_F_INGRESS) of the entry
+            // keyed by our own cookie: our peer. The helper answers SK_PASS
+            // when it found the peer (the kernel queues the skb on the peer's
+            // psock and a kernel worker sends it, rule 2), SK_DROP when there
+            // is none (the pair is being taken apart after both EOFs).
+            let verdict = PEERS.redirect_skb(&ctx, &mut cookie, 0) as u32;
+            if verdict == SK_PASS {
+                write_volatile(addr_of_mut!((*flow).redirected), redirected + len);
+                let wake_at = read_volatile(addr_of!((*flow).wake_at));
+                if sent < wake_at && sent + len >= wake_at {
+                    // Best effort: a full ring only means userspace grants when
+                    // the credit runs out instead (it then sees passed bytes).
+                    let _ = FLOW_WAKEUPS.output::<u32>(slot, 0);
+                }
+            }
+            return verdict;
+        }
+        // SK_PASS: the skb goes to this socket's own receive queue (the psock's
+        // ingress list), charged to its receive buffer, so a reader that
+        // stops closes the TCP window back to the sender. Userspace reads it
+        // with recv() — these bytes only, in order — and writes it to the peer.
+        write_volatile(addr_of_mut!((*flow).passed), passed + len);
+        SK_PASS
     }
-    verdict
 }
 
 #[cfg(not(test))]

@@ -44,6 +44,8 @@ pub struct DataplaneMetrics {
     pub connections: IntCounterVec,
     pub bytes: IntCounterVec,
     pub fallbacks: IntCounterVec,
+    /// Bytes of spliced connections the valve moved in userspace (rule 7).
+    pub valve_bytes: prometheus::IntCounter,
 }
 
 impl DataplaneMetrics {
@@ -63,6 +65,14 @@ impl DataplaneMetrics {
                 r,
                 Opts::new("konduit_dataplane_fallbacks_total", "Connections that fell back from the preferred path"),
                 &["reason"],
+            ),
+            valve_bytes: register(
+                r,
+                prometheus::IntCounter::with_opts(Opts::new(
+                    "konduit_dataplane_valve_bytes_total",
+                    "Bytes of kernel-spliced connections moved in userspace while their reader lagged",
+                ))
+                .expect("valid metric"),
             ),
         }
     }

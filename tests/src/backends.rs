@@ -228,3 +228,72 @@ async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> std::io
     }
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
+
+/// A backend running `handler` for each accepted connection, for behaviour [`Kind`] does
+/// not offer (a source that reports progress, a sink that waits before reading, ...). Like
+/// [`Backend`] it runs on its own thread and runtime, sets TCP_NODELAY, and stops on drop.
+pub struct FnBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FnBackend {
+    /// Starts on 127.0.0.1 (kernel-chosen port).
+    pub fn start<F, Fut>(handler: F) -> FnBackend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind test backend");
+        listener.set_nonblocking(true).expect("non-blocking listener");
+        let addr = listener.local_addr().expect("test backend address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("fn-backend-{addr}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(listener).expect("tokio listener");
+                    let handler = Arc::new(handler);
+                    let accept = async {
+                        loop {
+                            match listener.accept().await {
+                                Ok((stream, _)) => {
+                                    let _ = stream.set_nodelay(true);
+                                    let handler = handler.clone();
+                                    tokio::spawn(async move {
+                                        let _ = handler(stream).await;
+                                    });
+                                }
+                                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stopped => {}
+                    }
+                });
+            })
+            .expect("spawn test backend thread");
+        FnBackend { addr, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// `host:port` to dial.
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for FnBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

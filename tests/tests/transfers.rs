@@ -2,30 +2,29 @@
 //! frontend and every data path (DATA packets, TLS relay, plaintext relay spliced by
 //! the kernel), 200 concurrent connections through one agent, per-connection flow
 //! control on a shared agent stream (a slow reader or a slow backend stalls only its
-//! own connection), half-close in both directions on HTTP-CONNECT, and backpressure
-//! through the kernel splice (a stalled end must hold the other end back).
+//! own connection), and half-close in both directions on HTTP-CONNECT. Backpressure
+//! through the kernel splice is in `backpressure.rs`.
 //!
 //! Each test starts its own server and agent on loopback (see `konduit_e2e::topology`).
 //! Backends that need behaviour the harness does not offer (a length-prefixed sink for
 //! gRPC, which cannot half-close; a source that reports progress; a sink that does not
 //! read until told; backends that report the client's EOF) live at the end of this file.
 
-use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use konduit_e2e::backends::{Backend, Kind};
+use konduit_e2e::backends::{Backend, FnBackend, Kind};
 use konduit_e2e::clients::{self, fetch_from_source, read_pattern, write_pattern};
 use konduit_e2e::data::{PatternCheck, SOURCE_SEED, hex, pattern_fill, pattern_sha256};
 use konduit_e2e::probe::metric;
 use konduit_e2e::{Frontend, GrpcTunnel, Topology};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -150,7 +149,7 @@ struct TransferBackends {
     /// Reads to EOF, answers the SHA-256 (HTTP-CONNECT uploads end with a half-close).
     sink: Backend,
     /// Reads a length, then that many bytes, answers the SHA-256 (gRPC cannot half-close).
-    sized_sink: TestBackend,
+    sized_sink: FnBackend,
     /// Sends the requested number of pattern bytes.
     source: Backend,
 }
@@ -784,71 +783,6 @@ async fn grpc_read_pattern(tunnel: &mut GrpcTunnel, seed: u64, len: u64) -> Resu
 // Test backends
 // ---------------------------------------------------------------------------------------
 
-/// A backend on its own thread and runtime (like the harness's), running `handler` for
-/// each accepted connection. Stopped on drop.
-struct TestBackend {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestBackend {
-    fn start<F, Fut>(handler: F) -> TestBackend
-    where
-        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = io::Result<()>> + Send + 'static,
-    {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind test backend");
-        listener.set_nonblocking(true).expect("non-blocking listener");
-        let addr = listener.local_addr().expect("test backend address");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("test-backend-{addr}"))
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-                runtime.block_on(async move {
-                    let listener = TcpListener::from_std(listener).expect("tokio listener");
-                    let handler = Arc::new(handler);
-                    let accept = async {
-                        loop {
-                            match listener.accept().await {
-                                Ok((stream, _)) => {
-                                    let _ = stream.set_nodelay(true);
-                                    let handler = handler.clone();
-                                    tokio::spawn(async move {
-                                        let _ = handler(stream).await;
-                                    });
-                                }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                            }
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept => {}
-                        _ = stopped => {}
-                    }
-                });
-            })
-            .expect("spawn test backend thread");
-        TestBackend { addr, stop: Some(stop), thread: Some(thread) }
-    }
-
-    fn target(&self) -> String {
-        self.addr.to_string()
-    }
-}
-
-impl Drop for TestBackend {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// A loopback listener on a kernel-chosen port whose accept queue holds `backlog`
 /// connections.
 async fn listener_with_backlog(backlog: u32) -> std::net::TcpListener {
@@ -878,13 +812,13 @@ async fn serve_sized_sink(mut stream: TcpStream) -> io::Result<()> {
     stream.shutdown().await
 }
 
-fn sized_sink() -> TestBackend {
-    TestBackend::start(serve_sized_sink)
+fn sized_sink() -> FnBackend {
+    FnBackend::start(serve_sized_sink)
 }
 
 /// A sized sink that reads nothing until `released` turns true.
-fn lazy_sized_sink(released: watch::Receiver<bool>) -> TestBackend {
-    TestBackend::start(move |stream| {
+fn lazy_sized_sink(released: watch::Receiver<bool>) -> FnBackend {
+    FnBackend::start(move |stream| {
         let mut released = released.clone();
         async move {
             released.wait_for(|r| *r).await.map_err(|_| io::Error::other("released dropped"))?;
@@ -895,8 +829,8 @@ fn lazy_sized_sink(released: watch::Receiver<bool>) -> TestBackend {
 
 /// Like the harness's source (8-byte length, then that many bytes of [`SOURCE_SEED`]),
 /// storing how many bytes the kernel has taken so far in `progress`.
-fn counting_source(progress: Arc<AtomicU64>) -> TestBackend {
-    TestBackend::start(move |mut stream| {
+fn counting_source(progress: Arc<AtomicU64>) -> FnBackend {
+    FnBackend::start(move |mut stream| {
         let progress = progress.clone();
         async move {
             let len = stream.read_u64().await?;
@@ -917,8 +851,8 @@ fn counting_source(progress: Arc<AtomicU64>) -> TestBackend {
 /// Half-closes first: waits for the client's first byte, answers [`AFTER_FIN`] bytes of
 /// [`REPLY_SEED`], shuts down its write side, then reads the client's bytes to EOF and
 /// reports them.
-fn backend_closes_first(reports: mpsc::UnboundedSender<EofReport>) -> TestBackend {
-    TestBackend::start(move |mut stream| {
+fn backend_closes_first(reports: mpsc::UnboundedSender<EofReport>) -> FnBackend {
+    FnBackend::start(move |mut stream| {
         let reports = reports.clone();
         async move {
             let mut first = [0u8; 1];
@@ -961,8 +895,8 @@ type EofReport = Result<(u64, [u8; 32], Instant), String>;
 
 /// Reads to EOF, reports it, waits [`REPLY_DELAY`], answers [`AFTER_FIN`] bytes of
 /// [`REPLY_SEED`] and closes.
-fn half_close_backend(reports: mpsc::UnboundedSender<EofReport>) -> TestBackend {
-    TestBackend::start(move |mut stream| {
+fn half_close_backend(reports: mpsc::UnboundedSender<EofReport>) -> FnBackend {
+    FnBackend::start(move |mut stream| {
         let reports = reports.clone();
         async move {
             let mut buf = vec![0; 64 * 1024];

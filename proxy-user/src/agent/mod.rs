@@ -17,6 +17,7 @@ use rand::Rng;
 use crate::admin::AdminEndpoints;
 use crate::config::{AgentArgs, listen_addr};
 use crate::dataplane::engine::Dataplane;
+use crate::dataplane::valve::ValveSettings;
 use crate::error::Result;
 use crate::metrics::AgentMetrics;
 use crate::shutdown::{Phase, Shutdown};
@@ -109,7 +110,10 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         relay: args.relay,
         relay_plaintext_ports: args.relay_plaintext_ports.clone(),
         relay_pool_size: args.relay_pool_size,
-        dataplane: Dataplane::start(args.dataplane)?,
+        dataplane: Dataplane::start(
+            args.dataplane,
+            ValveSettings { per_direction: args.splice_max_lag, node: args.splice_max_lag_total },
+        )?,
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),
     });

@@ -479,6 +479,7 @@ async fn finish_relayed(
     metrics.open_endpoint_connections.dec();
     // a = relay (toward the server), b = backend (on this node).
     metrics.dataplane.record(stats.engine, stats.a_to_b, stats.b_to_a);
+    metrics.dataplane.valve_bytes.inc_by(stats.passed);
     state.send(PacketKind::CloseResponse { connect_id, error: None }).await;
     if let Some(e) = stats.error {
         tracing::debug!(server = %state.server_id, %address, connect_id, error = %e, "relayed connection ended with an error");

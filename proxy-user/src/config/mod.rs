@@ -24,6 +24,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
+/// Parses a byte count: a plain number or a size such as `4MiB`.
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64()).map_err(|e| format!("invalid size {s:?}: {e}"))
+}
+
 /// Frontend protocol of the server (`--mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 pub enum FrontendMode {
@@ -302,6 +307,16 @@ pub struct AgentArgs {
     /// else userspace with a warning), sockmap (or refuse to start), userspace.
     #[arg(long, value_enum, default_value = "auto")]
     pub dataplane: crate::dataplane::engine::DataplaneMode,
+    /// konduit: with the sockmap engine, bytes each direction of one connection may have in
+    /// flight in the kernel (redirected, not yet taken by the receiving socket); beyond it the
+    /// connection continues through userspace until the reader catches up.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub splice_max_lag: u64,
+    /// konduit: the same, summed over every spliced connection on this node (at least twice
+    /// --splice-max-lag: each connection has two directions). Connections beyond it move
+    /// their bytes through userspace until credit frees up.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub splice_max_lag_total: u64,
 
     /// konduit: timeout for dialling a destination (stock: fixed 5s).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -538,6 +553,13 @@ impl AgentArgs {
         if self.dial_timeout.is_zero() {
             return Err(Error::config("--dial-timeout must be positive"));
         }
+        // Below one loopback skb (64 KiB) every byte would take the valve's userspace path.
+        // A connection has two directions, each with its own budget.
+        if self.splice_max_lag < 64 * 1024 || self.splice_max_lag_total / 2 < self.splice_max_lag {
+            return Err(Error::config(
+                "--splice-max-lag must be at least 64KiB and --splice-max-lag-total at least twice --splice-max-lag",
+            ));
+        }
         crate::protocol::AgentIdentifiers::parse(&self.agent_identifiers)
             .map_err(|e| Error::config(format!("--agent-identifiers: {e}")))?;
         if !self.service_account_token_path.is_empty()
@@ -626,6 +648,23 @@ mod tests {
         assert_eq!(parsed.proxy_server_port, 8132);
         assert_eq!(parsed.klog.v, 3);
         assert_eq!(parsed.dial_timeout, Duration::from_secs(5));
+        assert_eq!((parsed.splice_max_lag, parsed.splice_max_lag_total), (4 << 20, 256 << 20));
+    }
+
+    #[test]
+    fn splice_lag_limits_take_sizes_and_reject_useless_values() {
+        let agent = |extra: &[&str]| {
+            let mut list = vec!["proxy-agent", "--proxy-server-port=8132"];
+            list.extend_from_slice(extra);
+            parse_with_file::<AgentArgs>(args(&list))
+        };
+        let parsed = agent(&["--splice-max-lag=1MiB", "--splice-max-lag-total=1073741824"]).expect("parses");
+        assert_eq!((parsed.splice_max_lag, parsed.splice_max_lag_total), (1 << 20, 1 << 30));
+        assert!(agent(&["--splice-max-lag=lots"]).is_err());
+        let too_small = agent(&["--splice-max-lag=1KiB", "--ca-cert=/"]).expect("parses");
+        assert!(too_small.validate().unwrap_err().to_string().contains("--splice-max-lag"));
+        let one_direction = agent(&["--splice-max-lag=1MiB", "--splice-max-lag-total=1MiB", "--ca-cert=/"]);
+        assert!(one_direction.expect("parses").validate().unwrap_err().to_string().contains("twice"));
     }
 
     #[test]

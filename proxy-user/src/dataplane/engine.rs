@@ -8,6 +8,7 @@ use tokio::net::TcpStream;
 
 use super::kernel_splice::{self, NotSpliced};
 use super::sockmap::SockmapDataplane;
+use super::valve::ValveSettings;
 use super::{EngineKind, SpliceEngine, SpliceSocket, SpliceStats, UserspaceEngine};
 use crate::error::{Error, Result};
 
@@ -50,15 +51,15 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the sockmap engine as `mode` asks.
-    pub fn start(mode: DataplaneMode) -> Result<Self> {
+    /// Loads the sockmap engine as `mode` asks, with `valve`'s limits (rule 7).
+    pub fn start(mode: DataplaneMode, valve: ValveSettings) -> Result<Self> {
         let sockmap = match mode {
             DataplaneMode::Userspace => None,
             DataplaneMode::Sockmap => Some(Arc::new(
-                SockmapDataplane::load()
+                SockmapDataplane::load_with(valve)
                     .map_err(|e| Error::config("--dataplane=sockmap: the eBPF program did not load").because(e))?,
             )),
-            DataplaneMode::Auto => match SockmapDataplane::load() {
+            DataplaneMode::Auto => match SockmapDataplane::load_with(valve) {
                 Ok(s) => Some(Arc::new(s)),
                 Err(e) => {
                     tracing::warn!(error = %e, "sockmap engine unavailable; spliced connections use the userspace engine");
@@ -98,7 +99,7 @@ impl Dataplane {
             return PreparedSplice::Userspace(relay, backend, Fallback::Pair(reason));
         }
         match kernel_splice::join(map, relay, backend) {
-            Ok(joined) => PreparedSplice::Kernel(joined),
+            Ok(joined) => PreparedSplice::Kernel(Box::new(joined)),
             Err((reason, relay, backend)) => PreparedSplice::Userspace(relay, backend, Fallback::Pair(reason)),
         }
     }
@@ -106,7 +107,7 @@ impl Dataplane {
 
 /// A splice decided and, for the kernel engine, already in the map.
 pub enum PreparedSplice {
-    Kernel(kernel_splice::Joined<SockmapDataplane>),
+    Kernel(Box<kernel_splice::Joined<SockmapDataplane>>),
     Userspace(TcpStream, TcpStream, Fallback),
 }
 

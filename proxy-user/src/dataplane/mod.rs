@@ -15,6 +15,7 @@ pub mod kernel_splice;
 pub mod packet_bridge;
 pub mod sockmap;
 pub mod tcp_state;
+pub mod valve;
 
 use std::fmt;
 use std::future::Future;
@@ -53,6 +54,8 @@ pub struct SpliceStats {
     pub engine: EngineKind,
     pub a_to_b: u64,
     pub b_to_a: u64,
+    /// Of those, bytes the sockmap engine's valve moved in userspace (rule 7).
+    pub passed: u64,
     pub error: Option<String>,
 }
 

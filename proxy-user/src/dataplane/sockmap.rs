@@ -1,22 +1,34 @@
 //! The kernel mechanics of the sockmap engine: loads konduit's eBPF program
-//! (built from `proxy-ebpf/` and embedded at build time), and puts pairs of
-//! established sockets into its SockHash and takes them out again, with a
-//! byte counter per direction.
+//! (built from `proxy-ebpf/` and embedded at build time), puts pairs of
+//! established sockets into its SockHash and takes them out again, and gives
+//! userspace live access to each direction's [`FlowState`] (byte counts and
+//! credit, in a memory-mapped array) plus a wake-up when credit runs low.
 //!
-//! It never reads or writes payload (rule 4) and does not decide when a pair
-//! is done: watching for EOF and errors, draining, half-close and abort
-//! (rules 1, 2) belong to the caller, which removes the pair at the end.
-//! Rule numbers are those of SOCKMAP-NOTES.md.
+//! It never reads or writes payload itself and decides no policy: how much
+//! credit to grant, moving the bytes the verdict passed, watching for EOF and
+//! errors, draining, half-close and abort (rules 1, 2, 7) belong to
+//! `kernel_splice` and `valve`, which remove the pair at the end. Rule
+//! numbers are those of SOCKMAP-NOTES.md.
 
+use std::collections::{HashMap as StdHashMap, VecDeque};
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::sync::{Mutex, PoisonError};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use aya::maps::{HashMap, MapData, MapError, SockHash};
+use aya::maps::{HashMap, Map, MapData, MapError, RingBuf, SockHash};
 use aya::programs::{ProgramError, SkSkb};
 use aya::{Ebpf, EbpfError};
+use konduit_common::{FlowState, MAX_FLOWS};
 use nix::errno::Errno;
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, mmap_anonymous, munmap};
 use nix::sys::socket::{MsgFlags, recv};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use super::valve::{CreditPool, ValveSettings};
 
 /// The object `build.rs` produced from `proxy-ebpf/`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/konduit-ebpf.o"));
@@ -24,7 +36,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Names in the object (proxy-ebpf/src/main.rs).
 const PROGRAM: &str = "splice_verdict";
 const PEERS_MAP: &str = "PEERS";
-const BYTES_MAP: &str = "SPLICED_BYTES";
+const SLOTS_MAP: &str = "FLOW_SLOTS";
+const FLOWS_MAP: &str = "FLOWS";
+const WAKEUPS_MAP: &str = "FLOW_WAKEUPS";
 
 /// Why the sockmap engine could not load or could not take a pair.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +55,15 @@ pub enum SockmapError {
         #[source]
         source: MapError,
     },
+    #[error("mapping the {FLOWS_MAP} array into memory: {0}")]
+    Mmap(#[source] io::Error),
     #[error("loading or attaching the stream verdict: {0}")]
     Program(#[from] ProgramError),
     #[error("reading SO_COOKIE: {0}")]
     Cookie(#[source] io::Error),
+    /// Every flow slot is in use (two per spliced connection).
+    #[error("all {MAX_FLOWS} flow slots are in use")]
+    Full,
     /// Rule 6: only ESTABLISHED sockets can enter the map (one that already
     /// got a FIN is refused). Move this connection in userspace instead.
     #[error("socket is not ESTABLISHED (the kernel refuses it in the sockmap)")]
@@ -55,29 +74,183 @@ fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SockmapError {
     move |source| SockmapError::Map { map, source }
 }
 
-/// The sockets of one spliced pair, by socket cookie. Returned by
-/// [`SockmapDataplane::insert_pair`]; give it back to
+/// Per-direction state for `entries` flows in shared memory: the program's
+/// `FLOWS` array mapped into this process, or anonymous memory that stands in
+/// for it in tests of the userspace half. Every access is an atomic load or
+/// store of one `u64` field; each field has one writer (see [`FlowState`]).
+pub struct FlowTable {
+    base: NonNull<FlowState>,
+    entries: u32,
+    bytes: NonZeroUsize,
+}
+
+// SAFETY: the table is plain shared memory that is only ever accessed through
+// `AtomicU64`s (see `field`), so sharing it between threads is sound.
+unsafe impl Send for FlowTable {}
+// SAFETY: as above.
+unsafe impl Sync for FlowTable {}
+
+/// The fields of [`FlowState`], for [`FlowTable::field`].
+#[derive(Clone, Copy)]
+enum Field {
+    Redirected,
+    Passed,
+    Delivered,
+    Limit,
+    WakeAt,
+}
+
+impl FlowTable {
+    fn size(entries: u32) -> Result<NonZeroUsize, io::Error> {
+        NonZeroUsize::new(entries as usize * size_of::<FlowState>()).ok_or_else(|| io::ErrorKind::InvalidInput.into())
+    }
+
+    /// Maps the `BPF_F_MMAPABLE` array behind `fd` (value size
+    /// `size_of::<FlowState>()`, `entries` elements) read-write and shared.
+    fn map_array(fd: BorrowedFd<'_>, entries: u32) -> io::Result<Self> {
+        let bytes = Self::size(entries)?;
+        // SAFETY: a fresh shared mapping of the whole array; the kernel keeps
+        // the map alive while the mapping exists, and we unmap it exactly
+        // once, in Drop. FlowState is repr(C) u64s, valid for any bytes.
+        let base =
+            unsafe { mmap(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0) }?;
+        Ok(FlowTable { base: base.cast(), entries, bytes })
+    }
+
+    /// Zeroed private memory with room for `entries` flows (tests, stand-ins).
+    pub fn anonymous(entries: u32) -> io::Result<Self> {
+        let bytes = Self::size(entries)?;
+        // SAFETY: a fresh private anonymous mapping, unmapped once in Drop.
+        let base = unsafe {
+            mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
+        }?;
+        Ok(FlowTable { base: base.cast(), entries, bytes })
+    }
+
+    fn field(&self, slot: u32, field: Field) -> &AtomicU64 {
+        assert!(slot < self.entries, "flow slot {slot} out of range");
+        let index = match field {
+            Field::Redirected => 0,
+            Field::Passed => 1,
+            Field::Delivered => 2,
+            Field::Limit => 3,
+            Field::WakeAt => 4,
+        };
+        // SAFETY: `slot` is in range, so the pointer is inside the mapping,
+        // which lives as long as `self`; FlowState is repr(C) with five
+        // 8-byte-aligned u64 fields, so `index` picks one of them; the kernel
+        // side and we only touch them with single aligned 8-byte accesses.
+        unsafe {
+            let flow = self.base.as_ptr().add(slot as usize).cast::<u64>();
+            AtomicU64::from_ptr(flow.add(index))
+        }
+    }
+}
+
+impl Drop for FlowTable {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`bytes` describe the mapping made in the constructor,
+        // unmapped only here; no reference into it outlives `self`.
+        if let Err(e) = unsafe { munmap(self.base.cast(), self.bytes.get()) } {
+            tracing::warn!(error = %e, "unmapping the flow table");
+        }
+    }
+}
+
+/// One direction of a spliced pair: its live [`FlowState`] and the wake-up
+/// the verdict sends when its credit runs low.
+#[derive(Clone)]
+pub struct FlowRef {
+    table: Arc<FlowTable>,
+    slot: u32,
+    low_credit: Arc<Notify>,
+}
+
+impl FlowRef {
+    /// A flow of its own, outside any program (tests and stand-ins).
+    pub fn standalone(table: Arc<FlowTable>, slot: u32) -> Self {
+        FlowRef { table, slot, low_credit: Arc::new(Notify::new()) }
+    }
+
+    /// A snapshot; the verdict may move on right after it.
+    pub fn state(&self) -> FlowState {
+        let get = |f| self.table.field(self.slot, f).load(Ordering::Acquire);
+        FlowState {
+            redirected: get(Field::Redirected),
+            passed: get(Field::Passed),
+            delivered: get(Field::Delivered),
+            limit: get(Field::Limit),
+            wake_at: get(Field::WakeAt),
+        }
+    }
+
+    /// Records `n` more passed bytes written to the peer. Only after they
+    /// were written: the verdict resumes redirecting once `delivered` equals
+    /// `passed`.
+    pub fn add_delivered(&self, n: u64) {
+        // Userspace is the only writer of this field (one task per direction).
+        self.table.field(self.slot, Field::Delivered).fetch_add(n, Ordering::Release);
+    }
+
+    /// Sets the credit: the verdict redirects while `redirected + passed`
+    /// stays within `limit`, and posts a wake-up when it crosses `wake_at`.
+    pub fn set_credit(&self, limit: u64, wake_at: u64) {
+        self.table.field(self.slot, Field::WakeAt).store(wake_at, Ordering::Release);
+        self.table.field(self.slot, Field::Limit).store(limit, Ordering::Release);
+    }
+
+    /// Notified when `redirected + passed` crosses `wake_at`.
+    pub fn low_credit(&self) -> &Notify {
+        &self.low_credit
+    }
+
+    /// Sets the flow up for a new pair (before its socket enters the maps).
+    fn reset(&self, limit: u64) {
+        for f in [Field::Redirected, Field::Passed, Field::Delivered] {
+            self.table.field(self.slot, f).store(0, Ordering::Release);
+        }
+        self.set_credit(limit, limit / 2);
+    }
+
+    /// Bytes moved so far, by the kernel or by userspace.
+    pub fn moved(&self) -> u64 {
+        let s = self.state();
+        s.redirected + s.delivered
+    }
+}
+
+impl std::fmt::Debug for FlowRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowRef").field("slot", &self.slot).field("state", &self.state()).finish()
+    }
+}
+
+/// The sockets of one spliced pair, by socket cookie, and their flow slots.
+/// Returned by [`SockmapDataplane::insert_pair`]; give it back to
 /// [`SockmapDataplane::remove_pair`] exactly once.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a pair stays in the map until it is passed to remove_pair"]
 pub struct PairHandle {
     a: u64,
     b: u64,
+    a_slot: u32,
+    b_slot: u32,
 }
 
 impl PairHandle {
-    /// Cookie of `a`; its counter holds the bytes moved from `a` to `b`.
+    /// Cookie of `a`; its flow is the direction from `a` to `b`.
     pub fn a_cookie(&self) -> u64 {
         self.a
     }
 
-    /// Cookie of `b`; its counter holds the bytes moved from `b` to `a`.
+    /// Cookie of `b`; its flow is the direction from `b` to `a`.
     pub fn b_cookie(&self) -> u64 {
         self.b
     }
 }
 
-/// Bytes the kernel redirected between the sockets of a pair.
+/// Bytes moved between the sockets of a pair (by the kernel, or handed to
+/// userspace by the valve).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PairBytes {
     pub a_to_b: u64,
@@ -87,21 +260,47 @@ pub struct PairBytes {
 /// How many entries the maps hold (both return to zero when every pair is removed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MapOccupancy {
+    /// Sockets in the SockHash.
     pub sockets: usize,
-    pub counters: usize,
+    /// Flows (socket cookie → slot entries).
+    pub flows: usize,
 }
 
 struct Maps {
     /// Each socket under its peer's cookie (see proxy-ebpf/src/main.rs).
     peers: SockHash<MapData, u64>,
-    /// Socket cookie → bytes redirected away from that socket.
-    bytes: HashMap<MapData, u64, u64>,
+    /// Socket cookie → its slot in the flow table.
+    slots: HashMap<MapData, u64, u32>,
+    /// Slots not in use, oldest-freed first, so a late verdict of a removed
+    /// socket cannot touch a slot that was just handed out again.
+    free: VecDeque<u32>,
+}
+
+/// Routes the program's low-credit wake-ups to the flow they are for.
+#[derive(Default)]
+struct Wakeups {
+    by_slot: Mutex<StdHashMap<u32, Arc<Notify>>>,
+}
+
+impl Wakeups {
+    fn lock(&self) -> MutexGuard<'_, StdHashMap<u32, Arc<Notify>>> {
+        self.by_slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The loaded program and its maps. Holding it keeps the program attached;
 /// dropping it detaches the program (SOCKMAP-NOTES, "Toolchain").
 pub struct SockmapDataplane {
     maps: Mutex<Maps>,
+    flows: Arc<FlowTable>,
+    wakeups: Arc<Wakeups>,
+    /// The ring of wake-ups, until the first insert inside a tokio runtime
+    /// moves it into the task that reads it.
+    ring: Mutex<Option<RingBuf<MapData>>>,
+    /// Credit for the valve of every pair joined here (rule 7).
+    credit: Arc<CreditPool>,
+    /// The program refers to the array by this fd (relocated at load).
+    _flows_map: MapData,
     _ebpf: Ebpf,
 }
 
@@ -111,55 +310,105 @@ impl std::fmt::Debug for SockmapDataplane {
     }
 }
 
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, SockmapError> {
+    ebpf.take_map(name).ok_or(SockmapError::Missing(name))
+}
+
 impl SockmapDataplane {
-    /// Loads the embedded object and attaches its stream verdict to the SockHash.
+    /// Loads the embedded object with the default valve limits.
     pub fn load() -> Result<Self, SockmapError> {
+        Self::load_with(ValveSettings::default())
+    }
+
+    /// Loads the embedded object, maps its flow table and attaches its stream
+    /// verdict to the SockHash; pairs joined here share `valve`'s node-wide credit.
+    pub fn load_with(valve: ValveSettings) -> Result<Self, SockmapError> {
         let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|e| SockmapError::Load(Box::new(e)))?;
-        let peers: SockHash<MapData, u64> = ebpf
-            .take_map(PEERS_MAP)
-            .ok_or(SockmapError::Missing("map PEERS"))?
-            .try_into()
-            .map_err(map_err(PEERS_MAP))?;
-        let bytes: HashMap<MapData, u64, u64> = ebpf
-            .take_map(BYTES_MAP)
-            .ok_or(SockmapError::Missing("map SPLICED_BYTES"))?
-            .try_into()
-            .map_err(map_err(BYTES_MAP))?;
+        let peers: SockHash<MapData, u64> = take_map(&mut ebpf, PEERS_MAP)?.try_into().map_err(map_err(PEERS_MAP))?;
+        let slots: HashMap<MapData, u64, u32> =
+            take_map(&mut ebpf, SLOTS_MAP)?.try_into().map_err(map_err(SLOTS_MAP))?;
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, WAKEUPS_MAP)?.try_into().map_err(map_err(WAKEUPS_MAP))?;
+        let Map::Array(flows_map) = take_map(&mut ebpf, FLOWS_MAP)? else {
+            return Err(SockmapError::Missing("array map FLOWS"));
+        };
+        let flows = FlowTable::map_array(flows_map.fd().as_fd(), MAX_FLOWS).map_err(SockmapError::Mmap)?;
         let verdict: &mut SkSkb =
             ebpf.program_mut(PROGRAM).ok_or(SockmapError::Missing("program splice_verdict"))?.try_into()?;
         verdict.load()?;
         verdict.attach(peers.fd())?;
-        Ok(SockmapDataplane { maps: Mutex::new(Maps { peers, bytes }), _ebpf: ebpf })
+        Ok(SockmapDataplane {
+            maps: Mutex::new(Maps { peers, slots, free: (0..MAX_FLOWS).collect() }),
+            flows: Arc::new(flows),
+            wakeups: Arc::default(),
+            ring: Mutex::new(Some(ring)),
+            credit: Arc::new(CreditPool::new(valve)),
+            _flows_map: flows_map,
+            _ebpf: ebpf,
+        })
     }
 
-    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+    fn maps(&self) -> MutexGuard<'_, Maps> {
         // A panic while holding the lock leaves the maps consistent: each update is one syscall.
         self.maps.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Starts the task that turns the program's wake-ups into notifications,
+    /// once, if called inside a tokio runtime (the loader's own tests run
+    /// without one and grant unlimited credit instead).
+    fn start_wakeups(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Some(ring) = self.ring.lock().unwrap_or_else(PoisonError::into_inner).take() else { return };
+        let wakeups = Arc::downgrade(&self.wakeups);
+        runtime.spawn(dispatch_wakeups(ring, wakeups));
+    }
+
     /// Joins `a` and `b`: from now on the kernel redirects every byte either
-    /// receives to the other. `b` enters the map first, so pass as `b` the side
-    /// that does not speak first (the backend): payload `b` received before `a`
-    /// is in would find no peer and be dropped. Both sockets must be
-    /// ESTABLISHED ([`SockmapError::NotEstablished`] otherwise, rule 6); on any
-    /// error nothing stays in the maps and the caller moves the connection in
+    /// receives to the other, while the direction's credit lasts
+    /// (`credit[0]` for `a` → `b`, `credit[1]` for `b` → `a`; see
+    /// [`FlowState`]). `b` enters the map first, so pass as `b` the side that
+    /// does not speak first (the backend): payload `b` received before `a` is
+    /// in would find no peer and be dropped. Both sockets must be ESTABLISHED
+    /// ([`SockmapError::NotEstablished`] otherwise, rule 6); on any error
+    /// nothing stays in the maps and the caller moves the connection in
     /// userspace.
-    pub fn insert_pair(&self, a: &impl AsFd, b: &impl AsFd) -> Result<PairHandle, SockmapError> {
+    pub fn insert_pair(
+        &self,
+        a: &impl AsFd,
+        b: &impl AsFd,
+        credit: [u64; 2],
+    ) -> Result<(PairHandle, [FlowRef; 2]), SockmapError> {
+        self.start_wakeups();
         let cookie = |s: &dyn AsFd| socket2::SockRef::from(&s.as_fd()).cookie().map_err(SockmapError::Cookie);
-        let pair = PairHandle { a: cookie(a)?, b: cookie(b)? };
+        let (a_cookie, b_cookie) = (cookie(a)?, cookie(b)?);
+        let flows;
+        let pair;
         {
             let mut maps = self.maps();
-            // Counters exist before the sockets enter the map: the program only adds to existing entries.
-            for key in [pair.a, pair.b] {
-                if let Err(e) = maps.bytes.insert(key, 0, 0) {
-                    remove_all(&mut maps, &pair);
-                    return Err(map_err(BYTES_MAP)(e));
+            if maps.free.len() < 2 {
+                return Err(SockmapError::Full);
+            }
+            let (Some(a_slot), Some(b_slot)) = (maps.free.pop_front(), maps.free.pop_front()) else {
+                return Err(SockmapError::Full);
+            };
+            pair = PairHandle { a: a_cookie, b: b_cookie, a_slot, b_slot };
+            let flow = |slot| FlowRef { table: self.flows.clone(), slot, low_credit: Arc::new(Notify::new()) };
+            flows = [flow(a_slot), flow(b_slot)];
+            // Flows are ready before the sockets enter the map: the verdict
+            // leaves the bytes of a socket without a slot on it.
+            for (f, c) in flows.iter().zip(credit) {
+                f.reset(c);
+                self.wakeups.lock().insert(f.slot, f.low_credit.clone());
+            }
+            for (key, slot) in [(pair.a, a_slot), (pair.b, b_slot)] {
+                if let Err(e) = maps.slots.insert(key, slot, 0) {
+                    self.remove_all(&mut maps, &pair);
+                    return Err(map_err(SLOTS_MAP)(e));
                 }
             }
             // Each socket goes under its peer's cookie; the backend first.
             for (key, socket) in [(pair.a, b.as_fd()), (pair.b, a.as_fd())] {
                 if let Err(e) = maps.peers.insert(key, socket, 0) {
-                    remove_all(&mut maps, &pair);
+                    self.remove_all(&mut maps, &pair);
                     return Err(if is_errno(&e, Errno::EOPNOTSUPP) {
                         SockmapError::NotEstablished
                     } else {
@@ -176,20 +425,18 @@ impl SockmapDataplane {
         for socket in [a.as_fd(), b.as_fd()] {
             let _ = recv(socket.as_raw_fd(), &mut [0u8; 1], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK);
         }
-        Ok(pair)
+        Ok((pair, flows))
     }
 
-    /// Separates the pair and forgets its counters; returns the final counts.
+    /// Separates the pair and frees its flows; returns the final counts.
     /// Call it once both directions are done (the caller has drained and
     /// half-closed, rules 1–2): bytes a socket receives after this stay on it.
     pub fn remove_pair(&self, pair: PairHandle) -> Result<PairBytes, SockmapError> {
         let mut maps = self.maps();
         let removed = [pair.a, pair.b].map(|key| maps.peers.remove(&key));
-        // Read the final counts after the sockets are out, forget the counters whatever happens.
-        let counts = [pair.a, pair.b].map(|key| counter(&maps, key));
-        remove_all(&mut maps, &pair);
-        let [a_to_b, b_to_a] = counts;
-        let bytes = PairBytes { a_to_b: a_to_b?, b_to_a: b_to_a? };
+        // Read the final counts after the sockets are out, free the flows whatever happens.
+        let bytes = self.pair_bytes(&pair);
+        self.remove_all(&mut maps, &pair);
         for r in removed {
             // Already gone is fine: the kernel drops a socket's entry when it closes.
             match r {
@@ -200,28 +447,60 @@ impl SockmapDataplane {
         Ok(bytes)
     }
 
-    /// Bytes redirected away from the socket with this cookie so far (the
-    /// direction that starts at it), or `None` if it is not in a pair.
-    pub fn bytes(&self, cookie: u64) -> Result<Option<u64>, SockmapError> {
-        match self.maps().bytes.get(&cookie, 0) {
-            Ok(n) => Ok(Some(n)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(BYTES_MAP)(e)),
-        }
-    }
-
     /// Both directions of a pair so far.
-    pub fn pair_bytes(&self, pair: &PairHandle) -> Result<PairBytes, SockmapError> {
-        let maps = self.maps();
-        Ok(PairBytes { a_to_b: counter(&maps, pair.a)?, b_to_a: counter(&maps, pair.b)? })
+    pub fn pair_bytes(&self, pair: &PairHandle) -> PairBytes {
+        let moved = |slot| FlowRef::standalone(self.flows.clone(), slot).moved();
+        PairBytes { a_to_b: moved(pair.a_slot), b_to_a: moved(pair.b_slot) }
     }
 
     /// Entries in the maps, for leak checks.
     pub fn occupancy(&self) -> Result<MapOccupancy, SockmapError> {
         let maps = self.maps();
         let sockets = maps.peers.keys().collect::<Result<Vec<_>, _>>().map_err(map_err(PEERS_MAP))?.len();
-        let counters = maps.bytes.keys().collect::<Result<Vec<_>, _>>().map_err(map_err(BYTES_MAP))?.len();
-        Ok(MapOccupancy { sockets, counters })
+        let flows = maps.slots.keys().collect::<Result<Vec<_>, _>>().map_err(map_err(SLOTS_MAP))?.len();
+        Ok(MapOccupancy { sockets, flows })
+    }
+
+    /// Best-effort removal of every entry of `pair` (rollback and final
+    /// clean-up); its slots go back to the end of the free list.
+    fn remove_all(&self, maps: &mut Maps, pair: &PairHandle) {
+        for key in [pair.a, pair.b] {
+            let _ = maps.peers.remove(&key);
+            let _ = maps.slots.remove(&key);
+        }
+        let mut wakeups = self.wakeups.lock();
+        for slot in [pair.a_slot, pair.b_slot] {
+            wakeups.remove(&slot);
+            maps.free.push_back(slot);
+        }
+    }
+}
+
+/// Reads the program's wake-up ring until the dataplane is gone, notifying
+/// the flow each entry names.
+async fn dispatch_wakeups(ring: RingBuf<MapData>, wakeups: Weak<Wakeups>) {
+    // SAFETY: the ring owns its map fd and returns that same fd for as long
+    // as it lives; the AsyncFd owns the ring, so the fd stays open until the
+    // AsyncFd is dropped.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "watching the flow wake-up ring; credit is then granted only when it runs out");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = ring.readable_mut().await else { return };
+        let Some(wakeups) = wakeups.upgrade() else { return };
+        let entries = ready.get_inner_mut();
+        while let Some(item) = entries.next() {
+            let Ok(slot) = <[u8; 4]>::try_from(&*item).map(u32::from_ne_bytes) else { continue };
+            if let Some(notify) = wakeups.lock().get(&slot) {
+                notify.notify_one();
+            }
+        }
+        ready.clear_ready();
     }
 }
 
@@ -230,8 +509,13 @@ impl SockmapDataplane {
 impl super::kernel_splice::PairMap for SockmapDataplane {
     type Pair = PairHandle;
 
-    fn insert(&self, a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> Result<PairHandle, String> {
-        self.insert_pair(&a, &b).map_err(|e| e.to_string())
+    fn insert(
+        &self,
+        a: BorrowedFd<'_>,
+        b: BorrowedFd<'_>,
+        credit: [u64; 2],
+    ) -> Result<(PairHandle, [FlowRef; 2]), String> {
+        self.insert_pair(&a, &b, credit).map_err(|e| e.to_string())
     }
 
     fn remove(&self, pair: PairHandle) {
@@ -239,21 +523,9 @@ impl super::kernel_splice::PairMap for SockmapDataplane {
             tracing::warn!(error = %e, "removing a spliced pair from the sockmap");
         }
     }
-}
 
-fn counter(maps: &Maps, cookie: u64) -> Result<u64, SockmapError> {
-    match maps.bytes.get(&cookie, 0) {
-        Ok(n) => Ok(n),
-        Err(MapError::KeyNotFound) => Ok(0),
-        Err(e) => Err(map_err(BYTES_MAP)(e)),
-    }
-}
-
-/// Best-effort removal of every entry of `pair` (rollback and final clean-up).
-fn remove_all(maps: &mut Maps, pair: &PairHandle) {
-    for key in [pair.a, pair.b] {
-        let _ = maps.peers.remove(&key);
-        let _ = maps.bytes.remove(&key);
+    fn credit(&self) -> &Arc<CreditPool> {
+        &self.credit
     }
 }
 
@@ -349,8 +621,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
 
-        let pair = dataplane.insert_pair(&relay_a, &relay_b).expect("insert the pair");
-        assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy { sockets: 2, counters: 2 });
+        // Unlimited credit: this test has no userspace half to move passed bytes.
+        let (pair, _flows) = dataplane.insert_pair(&relay_a, &relay_b, [u64::MAX / 2; 2]).expect("insert the pair");
+        assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy { sockets: 2, flows: 2 });
 
         // They arrive with no further traffic to push them (the rule-5 kick).
         let mut at_server = receive_exactly(server2.try_clone().expect("clone"), early).join().expect("early bytes");
@@ -366,8 +639,7 @@ mod tests {
         assert_eq!(sha256(&at_client), sha256(&down), "server → client stream is byte-exact");
 
         let counted = PairBytes { a_to_b: up.len() as u64, b_to_a: down.len() as u64 };
-        assert_eq!(dataplane.pair_bytes(&pair).expect("counters"), counted);
-        assert_eq!(dataplane.bytes(pair.a_cookie()).expect("counter"), Some(counted.a_to_b));
+        assert_eq!(dataplane.pair_bytes(&pair), counted);
         assert_eq!(dataplane.remove_pair(pair).expect("remove"), counted);
         assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy::default(), "no entry left");
         drop((relay_a, relay_b, client1, server2));
@@ -422,10 +694,71 @@ mod tests {
             assert!(Instant::now() < deadline);
         }
         // Rule 6: relay_b (the backend side) goes in first and must be rolled back.
-        match dataplane.insert_pair(&relay_a, &relay_b) {
+        match dataplane.insert_pair(&relay_a, &relay_b, [1 << 20; 2]) {
             Err(SockmapError::NotEstablished) => {}
             other => panic!("expected NotEstablished, got {other:?}"),
         }
         assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy::default());
+    }
+
+    /// Client → (a ⇄ b spliced) → server, with `server` not reading for
+    /// `stall`: returns how far the client got during the stall, and checks
+    /// that everything arrives in order afterwards.
+    async fn stalled_reader_run(valve: ValveSettings, total: usize, stall: Duration) -> (usize, f64) {
+        use super::super::kernel_splice::splice;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let connected =
+                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            (connected, listener.accept().await.expect("accept").0)
+        }
+        let dataplane = std::sync::Arc::new(SockmapDataplane::load_with(valve).unwrap_or_else(|e| {
+            panic!("the sockmap program must load for this test (run as root): {}", error_chain(&e))
+        }));
+        let (mut client, a) = tokio_pair().await;
+        let (b, mut server) = tokio_pair().await;
+        let map = dataplane.clone();
+        let spliced = tokio::spawn(async move { splice(&map, a, b).await });
+        while dataplane.occupancy().expect("occupancy").sockets < 2 {
+            tokio::task::yield_now().await;
+        }
+        let payload = std::sync::Arc::new(pattern(total, 7));
+        let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (p, w) = (payload.clone(), written.clone());
+        let writer = tokio::spawn(async move {
+            for chunk in p.chunks(64 * 1024) {
+                client.write_all(chunk).await.expect("write");
+                w.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+            client.shutdown().await.expect("half-close");
+            client
+        });
+        tokio::time::sleep(stall).await;
+        let during_stall = written.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let mut got = Vec::with_capacity(total);
+        server.read_to_end(&mut got).await.expect("read to EOF");
+        let secs = started.elapsed().as_secs_f64();
+        drop(writer.await.expect("writer"));
+        assert_eq!(got.len(), total, "every byte arrives");
+        assert!(got == *payload, "in order");
+        drop(server);
+        let stats = spliced.await.expect("joins").map_err(|(reason, _, _)| reason).expect("spliced");
+        assert_eq!(stats.a_to_b, total as u64);
+        assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy::default(), "no entry left");
+        (during_stall, (total - during_stall) as f64 / secs / 1e6)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockmap_valve_holds_the_sender_back_while_the_reader_stalls_and_loses_nothing() {
+        let valve = ValveSettings { per_direction: 1 << 20, node: 8 << 20 };
+        let (during_stall, mbps) = stalled_reader_run(valve, 256 * MIB, Duration::from_secs(2)).await;
+        eprintln!("during the stall the client wrote {} KiB; then {mbps:.0} MB/s", during_stall / 1024);
+        // Without the valve the whole 256 MiB leaves the client during the stall
+        // (the kernel queues it for the stalled peer); with it, socket buffers'
+        // worth (client send buffer, a's receive buffer, b's send buffer) plus 1 MiB.
+        assert!(during_stall < 48 * MIB, "the sender was held back: {during_stall} bytes written during the stall");
     }
 }

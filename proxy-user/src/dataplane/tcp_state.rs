@@ -81,6 +81,12 @@ pub fn abort_on_close(fd: impl AsFd) -> io::Result<()> {
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &linger).map_err(io::Error::from)
 }
 
+/// Undoes [`abort_on_close`]: the next close sends FIN again.
+pub fn close_gracefully(fd: impl AsFd) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 0, l_linger: 0 };
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &linger).map_err(io::Error::from)
+}
+
 /// Bounds the receive window this socket advertises (`TCP_WINDOW_CLAMP`);
 /// the kernel raises tiny values to its minimum.
 pub fn clamp_window(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
