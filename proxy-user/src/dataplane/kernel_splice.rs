@@ -195,19 +195,23 @@ impl Flow<'_> {
                     if self.meter.has_passed_bytes() {
                         tracing::trace!(flow = ?self.meter.state(), "valve: moving passed bytes");
                         self.move_passed().await?;
+                        self.regrant()?;
                     }
-                    // Redirected bytes also wake readers; clear that readiness
-                    // (no syscall) and wait for the next event.
-                    let _ = self.source.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                    // Redirected bytes also wake readers: the common case costs no
+                    // syscall, just clearing the readiness. Not if bytes were passed
+                    // meanwhile (checked after tokio took its readiness snapshot, so
+                    // a pass after the check comes with a newer event that survives).
+                    let meter = &self.meter;
+                    let _ = self.source.try_io(Interest::READABLE, || {
+                        if meter.has_passed_bytes() { Ok(()) } else { Err(io::ErrorKind::WouldBlock.into()) }
+                    });
                 }
-                () = self.meter.flow().low_credit().notified() => {}
+                () = self.meter.flow().low_credit().notified() => self.regrant()?,
                 _ = idle_check.tick(), if self.meter.holds_credit() => {
                     let accepted = self.accepted()?;
                     self.meter.release_if_idle(accepted);
-                    continue;
                 }
             }
-            self.regrant()?;
         }
     }
 
@@ -224,8 +228,9 @@ impl Flow<'_> {
                 tcp_state::shutdown_write(self.sink)?;
                 return Ok(payload);
             }
-            if self.meter.has_passed_bytes() {
-                self.move_passed().await?;
+            let moved_before = self.meter.state().delivered;
+            self.move_passed().await?;
+            if self.meter.state().delivered > moved_before {
                 step = 0;
                 continue;
             }

@@ -658,7 +658,7 @@ mod tests {
         }
 
         let dataplane = std::sync::Arc::new(load());
-        let (mut client, a) = tokio_pair().await;
+        let (client, a) = tokio_pair().await;
         let (b, mut server) = tokio_pair().await;
         spliceable(&a, &b).expect("fresh pairs are spliceable");
         let map = dataplane.clone();
@@ -667,16 +667,25 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let up = pattern(8 * MIB, 3);
-        client.write_all(&up).await.expect("write");
-        client.shutdown().await.expect("half-close");
+        // Read while writing: the valve bounds what the path buffers (rule 7),
+        // so a writer that waits for nobody would wait forever.
+        let (mut client_read, mut client_write) = client.into_split();
+        let sent = up.clone();
+        let writer = tokio::spawn(async move {
+            client_write.write_all(&sent).await.expect("write");
+            client_write.shutdown().await.expect("half-close");
+            client_write
+        });
         let mut at_server = Vec::new();
         server.read_to_end(&mut at_server).await.expect("read to EOF");
+        let client_write = writer.await.expect("writer");
         assert_eq!(sha256(&at_server), sha256(&up), "EOF arrives after every byte, in order");
         server.write_all(b"reply after half-close").await.expect("write back");
         server.shutdown().await.expect("close");
         let mut at_client = Vec::new();
-        client.read_to_end(&mut at_client).await.expect("read");
+        client_read.read_to_end(&mut at_client).await.expect("read");
         assert_eq!(at_client, b"reply after half-close");
+        drop(client_write);
         let stats = spliced.await.expect("joins").map_err(|(reason, _, _)| reason).expect("spliced");
         assert_eq!((stats.a_to_b, stats.b_to_a, stats.error), (up.len() as u64, 22, None));
         assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy::default(), "no entry left");
@@ -760,5 +769,51 @@ mod tests {
         // (the kernel queues it for the stalled peer); with it, socket buffers'
         // worth (client send buffer, a's receive buffer, b's send buffer) plus 1 MiB.
         assert!(during_stall < 48 * MIB, "the sender was held back: {during_stall} bytes written during the stall");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pair_joined_when_the_node_credit_is_used_up_moves_its_bytes_through_userspace_byte_exact() {
+        use super::super::kernel_splice::splice;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let connected =
+                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            (connected, listener.accept().await.expect("accept").0)
+        }
+        // Room for exactly one connection's two directions.
+        let valve = ValveSettings { per_direction: 1 << 20, node: 2 << 20 };
+        let dataplane = std::sync::Arc::new(SockmapDataplane::load_with(valve).unwrap_or_else(|e| {
+            panic!("the sockmap program must load for this test (run as root): {}", error_chain(&e))
+        }));
+        let (_idle_client, a1) = tokio_pair().await;
+        let (b1, _idle_server) = tokio_pair().await;
+        // Joined but not run: it holds its credit for the whole test.
+        let first = super::super::kernel_splice::join(&dataplane, a1, b1).map_err(|(r, _, _)| r).expect("first pair");
+        assert_eq!(dataplane.credit.available(), 0);
+
+        let (mut client, a2) = tokio_pair().await;
+        let (b2, mut server) = tokio_pair().await;
+        let map = dataplane.clone();
+        let second = tokio::spawn(async move { splice(&map, a2, b2).await });
+        while dataplane.occupancy().expect("occupancy").sockets < 4 {
+            tokio::task::yield_now().await;
+        }
+        let payload = pattern(32 * MIB, 11);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.expect("write");
+            client.shutdown().await.expect("half-close");
+            client
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read to EOF");
+        assert!(got == payload, "byte-exact and in order");
+        drop((writer.await.expect("writer"), server));
+        let stats = second.await.expect("joins").map_err(|(reason, _, _)| reason).expect("spliced");
+        assert_eq!(stats.a_to_b, payload.len() as u64);
+        assert_eq!(stats.passed, payload.len() as u64, "no credit: every byte went through the valve");
+        drop(first);
     }
 }

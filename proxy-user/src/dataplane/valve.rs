@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use konduit_common::FlowState;
-use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::sockmap::FlowRef;
@@ -195,8 +195,10 @@ const MOVE_CHUNK: usize = 64 * 1024;
 /// before them is in it (else a passed byte would overtake a redirected one
 /// still queued in the kernel). Reads at most what was passed: the source's
 /// receive queue holds nothing else while its verdict passes (rule 4).
-/// Returns when the queue is empty for now (more passed bytes wake the
-/// source's readiness again).
+///
+/// Returns when nothing more can be read now. Reads go through tokio's
+/// readiness, so an empty read clears the source's readiness only if no newer
+/// event arrived meanwhile: passed bytes that land later wake the caller.
 pub async fn move_passed<F, W>(
     meter: &Meter,
     source: &TcpStream,
@@ -226,11 +228,16 @@ where
         if due == 0 {
             return Ok(());
         }
-        let n = match recv(source.as_fd().as_raw_fd(), &mut buf[..due], MsgFlags::MSG_DONTWAIT) {
-            Ok(0) | Err(Errno::EAGAIN) => return Ok(()),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+        let fd = source.as_fd().as_raw_fd();
+        let read = source
+            .try_io(Interest::READABLE, || recv(fd, &mut buf[..due], MsgFlags::MSG_DONTWAIT).map_err(io::Error::from));
+        let n = match read {
+            // 0: the source is at EOF and the rest is still on its way to the queue.
+            Ok(0) => return Ok(()),
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         };
         write_all(sink, &buf[..n]).await?;
         meter.flow.add_delivered(n as u64);
