@@ -3,9 +3,14 @@
 //! (`konnectivity_network_proxy_{server,agent}_*`); konduit's own carry the
 //! `konduit_` prefix. Each process owns one [`Registry`].
 
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::dataplane::EngineKind;
+use crate::dataplane::sockmap::SockmapDataplane;
 
 const SERVER: &str = "konnectivity_network_proxy_server";
 const AGENT: &str = "konnectivity_network_proxy_agent";
@@ -156,7 +161,10 @@ impl ServerMetrics {
                 &["segment", "code", "packet_type"],
             ),
             dataplane: DataplaneMetrics::new(&r),
-            registry: r,
+            registry: {
+                register_process(&r);
+                r
+            },
         }
     }
 }
@@ -222,7 +230,10 @@ impl AgentMetrics {
                 &["direction"],
             ),
             dataplane: DataplaneMetrics::new(&r),
-            registry: r,
+            registry: {
+                register_process(&r);
+                r
+            },
         }
     }
 }
@@ -231,6 +242,55 @@ impl Default for AgentMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// `process_*` metrics of this process (open fds, RSS, CPU), as Go processes export them.
+fn register_process(r: &Registry) {
+    if let Err(e) = r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+        tracing::error!(error = %e, "process metrics registration failed");
+    }
+}
+
+/// State of the loaded sockmap engine, read at each scrape: sockets in its
+/// SockHash and node-wide valve credit not held by any connection. Both
+/// return to their idle values (0, `--splice-max-lag-total`) when no
+/// connection is spliced, which makes them leak checks as well.
+#[derive(Clone)]
+struct SockmapCollector {
+    dataplane: Arc<SockmapDataplane>,
+    sockets: IntGauge,
+    credit: IntGauge,
+}
+
+impl Collector for SockmapCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.sockets.desc().into_iter().chain(self.credit.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        match self.dataplane.occupancy() {
+            Ok(o) => self.sockets.set(o.sockets as i64),
+            Err(e) => tracing::warn!(error = %e, "reading the sockmap occupancy"),
+        }
+        self.credit.set(i64::try_from(self.dataplane.valve_credit_available()).unwrap_or(i64::MAX));
+        self.sockets.collect().into_iter().chain(self.credit.collect()).collect()
+    }
+}
+
+/// Exports the sockmap engine's state on `registry` (once, when it loaded).
+pub fn register_sockmap(registry: &Registry, dataplane: Arc<SockmapDataplane>) {
+    let gauge = |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
+    register(
+        registry,
+        SockmapCollector {
+            dataplane,
+            sockets: gauge("konduit_dataplane_spliced_sockets", "Sockets in the sockmap engine's SockHash"),
+            credit: gauge(
+                "konduit_dataplane_valve_credit_available_bytes",
+                "Node-wide splice credit not held by any connection direction",
+            ),
+        },
+    );
 }
 
 /// The stock `packet_type` label for a packet type number.

@@ -98,6 +98,13 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
     }
 
     let identity = (!args.agent_cert.is_empty()).then_some((args.agent_cert.as_str(), args.agent_key.as_str()));
+    let dataplane = Dataplane::start(
+        args.dataplane,
+        ValveSettings { per_direction: args.splice_max_lag, node: args.splice_max_lag_total },
+    )?;
+    if let Some(sockmap) = dataplane.sockmap() {
+        crate::metrics::register_sockmap(&metrics.registry, sockmap.clone());
+    }
     let settings = Arc::new(SessionSettings {
         host: args.proxy_server_host.clone(),
         port: args.proxy_server_port,
@@ -110,10 +117,7 @@ pub async fn run(args: AgentArgs, shutdown: Shutdown) -> Result<()> {
         relay: args.relay,
         relay_plaintext_ports: args.relay_plaintext_ports.clone(),
         relay_pool_size: args.relay_pool_size,
-        dataplane: Dataplane::start(
-            args.dataplane,
-            ValveSettings { per_direction: args.splice_max_lag, node: args.splice_max_lag_total },
-        )?,
+        dataplane,
         metrics: metrics.clone(),
         draining: AtomicBool::new(false),
     });

@@ -453,6 +453,11 @@ impl SockmapDataplane {
         PairBytes { a_to_b: moved(pair.a_slot), b_to_a: moved(pair.b_slot) }
     }
 
+    /// Node-wide valve credit not held by any connection direction (rule 7).
+    pub fn valve_credit_available(&self) -> u64 {
+        self.credit.available()
+    }
+
     /// Entries in the maps, for leak checks.
     pub fn occupancy(&self) -> Result<MapOccupancy, SockmapError> {
         let maps = self.maps();
@@ -815,5 +820,43 @@ mod tests {
         assert_eq!(stats.a_to_b, payload.len() as u64);
         assert_eq!(stats.passed, payload.len() as u64, "no credit: every byte went through the valve");
         drop(first);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sockmap_engine_passes_a_reset_on_as_a_reset_in_both_directions() {
+        use super::super::kernel_splice::splice;
+        use super::super::tcp_state::abort_on_close;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let connected =
+                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+            (connected, listener.accept().await.expect("accept").0)
+        }
+        let dataplane = std::sync::Arc::new(load());
+        for client_aborts in [true, false] {
+            let (mut client, a) = tokio_pair().await;
+            let (b, mut server) = tokio_pair().await;
+            let map = dataplane.clone();
+            let spliced = tokio::spawn(async move { splice(&map, a, b).await });
+            while dataplane.occupancy().expect("occupancy").sockets < 2 {
+                tokio::task::yield_now().await;
+            }
+            // Some spliced traffic first, so the reset comes mid-connection.
+            client.write_all(b"ping").await.expect("write");
+            let mut ping = [0u8; 4];
+            server.read_exact(&mut ping).await.expect("spliced bytes arrive");
+            let (aborting, mut other) = if client_aborts { (client, server) } else { (server, client) };
+            abort_on_close(&aborting).expect("linger 0");
+            drop(aborting);
+            let mut buf = [0u8; 16];
+            let outcome = tokio::time::timeout(Duration::from_secs(5), other.read(&mut buf)).await.expect("in time");
+            let err = outcome.expect_err("the far side sees the reset, not a clean EOF");
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "client aborts: {client_aborts}");
+            let stats = spliced.await.expect("joins").map_err(|(reason, _, _)| reason).expect("spliced");
+            assert!(stats.error.is_some(), "the splice reports the abort");
+            assert_eq!(dataplane.occupancy().expect("occupancy"), MapOccupancy::default(), "no entry left");
+        }
     }
 }
