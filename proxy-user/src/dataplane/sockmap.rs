@@ -577,6 +577,13 @@ mod tests {
         (connected, accepted)
     }
 
+    /// A connected loopback pair for tokio: (the side that connected, the side that accepted).
+    async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let connected = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        (connected, listener.accept().await.expect("accept").0)
+    }
+
     /// Deterministic, non-repeating-looking bytes, so a reordering shows in the hash.
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
@@ -655,13 +662,6 @@ mod tests {
         use super::super::kernel_splice::{splice, spliceable};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let connected =
-                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
-            (connected, listener.accept().await.expect("accept").0)
-        }
-
         let dataplane = std::sync::Arc::new(load());
         let (client, a) = tokio_pair().await;
         let (b, mut server) = tokio_pair().await;
@@ -722,12 +722,6 @@ mod tests {
         use super::super::kernel_splice::splice;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let connected =
-                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
-            (connected, listener.accept().await.expect("accept").0)
-        }
         let dataplane = std::sync::Arc::new(SockmapDataplane::load_with(valve).unwrap_or_else(|e| {
             panic!("the sockmap program must load for this test (run as root): {}", error_chain(&e))
         }));
@@ -781,12 +775,6 @@ mod tests {
         use super::super::kernel_splice::splice;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let connected =
-                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
-            (connected, listener.accept().await.expect("accept").0)
-        }
         // Room for exactly one connection's two directions.
         let valve = ValveSettings { per_direction: 1 << 20, node: 2 << 20 };
         let dataplane = std::sync::Arc::new(SockmapDataplane::load_with(valve).unwrap_or_else(|e| {
@@ -828,12 +816,6 @@ mod tests {
         use super::super::tcp_state::abort_on_close;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        async fn tokio_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let connected =
-                tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
-            (connected, listener.accept().await.expect("accept").0)
-        }
         let dataplane = std::sync::Arc::new(load());
         for client_aborts in [true, false] {
             let (mut client, a) = tokio_pair().await;
