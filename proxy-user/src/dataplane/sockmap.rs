@@ -336,6 +336,11 @@ impl SockmapDataplane {
             ebpf.program_mut(PROGRAM).ok_or(SockmapError::Missing("program splice_verdict"))?.try_into()?;
         verdict.load()?;
         verdict.attach(peers.fd())?;
+        // Loading parses the object and the kernel's BTF: about 15 MiB of heap that is
+        // free again now but that glibc would keep resident for the life of the agent
+        // (measured: idle agent RSS 32 → 17 MiB in a debug build).
+        // SAFETY: malloc_trim only hands free heap pages back to the kernel.
+        unsafe { libc::malloc_trim(0) };
         Ok(SockmapDataplane {
             maps: Mutex::new(Maps { peers, slots, free: (0..MAX_FLOWS).collect() }),
             flows: Arc::new(flows),
