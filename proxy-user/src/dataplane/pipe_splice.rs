@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::io::{Interest, Ready};
@@ -42,6 +43,10 @@ pub trait PipeSocket: AsFd + Send + Sync + 'static {
     /// Makes the coming close an abort the peer can see, where the socket
     /// type has one.
     fn arm_abort(&self);
+    /// After a read returned EOF: whether the connection was in fact reset
+    /// (its error may already have been taken by an earlier call).
+    /// `fin_sent` says whether we half-closed this socket ourselves.
+    fn was_reset(&self, fin_sent: bool) -> bool;
 }
 
 impl PipeSocket for tokio::net::TcpStream {
@@ -57,6 +62,12 @@ impl PipeSocket for tokio::net::TcpStream {
         // The close that follows sends RST.
         let _ = tcp_state::abort_on_close(self);
     }
+
+    fn was_reset(&self, fin_sent: bool) -> bool {
+        // A peer's FIN leaves the socket in CLOSE_WAIT (or, after our own
+        // FIN, in CLOSE via TIME_WAIT); a reset leaves it in CLOSE.
+        !fin_sent && tcp_state::counters(self.as_fd()).is_ok_and(|c| c.state == tcp_state::TCP_CLOSE)
+    }
 }
 
 impl PipeSocket for tokio::net::UnixStream {
@@ -71,6 +82,11 @@ impl PipeSocket for tokio::net::UnixStream {
     fn arm_abort(&self) {
         // A unix stream socket has no reset: its peer sees the close as EOF
         // (or ECONNRESET if it had sent bytes we never took).
+    }
+
+    fn was_reset(&self, _fin_sent: bool) -> bool {
+        // A peer that closed with unread data reports ECONNRESET on the read itself.
+        false
     }
 }
 
@@ -106,14 +122,21 @@ impl PumpError {
     }
 }
 
-/// Moves everything `source` receives to `sink` until EOF, then half-closes
-/// `sink`. Returns the bytes moved.
-async fn pump<S: PipeSocket, D: PipeSocket>(
-    source: &S,
-    sink: &D,
-    pipe: &Pipe,
-    moved: &mut u64,
-) -> Result<(), PumpError> {
+/// One direction: where from, where to, through which pipe.
+struct Direction<'a, S, D> {
+    source: &'a S,
+    sink: &'a D,
+    pipe: &'a Pipe,
+    /// Whether the other direction half-closed `source`.
+    source_fin_sent: &'a AtomicBool,
+    /// Set when this direction half-closes `sink`.
+    sink_fin_sent: &'a AtomicBool,
+}
+
+/// Moves everything the source receives to the sink until EOF, then
+/// half-closes the sink; counts the bytes moved into `moved`.
+async fn pump<S: PipeSocket, D: PipeSocket>(dir: Direction<'_, S, D>, moved: &mut u64) -> Result<(), PumpError> {
+    let Direction { source, sink, pipe, source_fin_sent, sink_fin_sent } = dir;
     loop {
         // Fill the pipe only when it is empty: a non-blocking splice into it
         // then answers EAGAIN only because the source has nothing, so waiting
@@ -128,9 +151,13 @@ async fn pump<S: PipeSocket, D: PipeSocket>(
             }
         };
         if filled == 0 {
+            if source.was_reset(source_fin_sent.load(Ordering::Acquire)) {
+                return Err(PumpError::Source(io::ErrorKind::ConnectionReset.into()));
+            }
             // EOF. Every byte before it has left the pipe for the sink (the
             // loop below empties it before filling again), so the FIN cannot
             // overtake data.
+            sink_fin_sent.store(true, Ordering::Release);
             return tcp_state::shutdown_write(sink).map_err(PumpError::Sink);
         }
         let mut left = filled;
@@ -174,9 +201,28 @@ impl<A: PipeSocket, B: PipeSocket> PipeSplice<A, B> {
     pub async fn run(self) -> SpliceStats {
         let PipeSplice { a, b, a_to_b, b_to_a } = self;
         let (mut forward_bytes, mut backward_bytes) = (0u64, 0u64);
+        let (a_fin_sent, b_fin_sent) = (AtomicBool::new(false), AtomicBool::new(false));
         let error = {
-            let forward = pump(&a, &b, &a_to_b, &mut forward_bytes);
-            let backward = pump(&b, &a, &b_to_a, &mut backward_bytes);
+            let forward = pump(
+                Direction {
+                    source: &a,
+                    sink: &b,
+                    pipe: &a_to_b,
+                    source_fin_sent: &a_fin_sent,
+                    sink_fin_sent: &b_fin_sent,
+                },
+                &mut forward_bytes,
+            );
+            let backward = pump(
+                Direction {
+                    source: &b,
+                    sink: &a,
+                    pipe: &b_to_a,
+                    source_fin_sent: &b_fin_sent,
+                    sink_fin_sent: &a_fin_sent,
+                },
+                &mut backward_bytes,
+            );
             tokio::pin!(forward, backward);
             let (mut fwd_done, mut bwd_done) = (false, false);
             let mut error = None;
