@@ -169,9 +169,10 @@ pub struct ServerArgs {
     #[arg(long, default_value = "")]
     pub relay_advertise_address: String,
 
-    /// konduit: engine for spliced connections: auto, sockmap (or refuse to start), userspace.
-    /// The server splices nothing in the kernel yet (its frontends are TLS or unix
-    /// sockets); the flag is accepted and checked so both ends share one config.
+    /// konduit: engine for spliced connections: auto, sockmap, userspace. On the server,
+    /// auto and sockmap join an HTTP-CONNECT unix-socket frontend and a plaintext relay
+    /// with splice(2) (no eBPF: the sockmap cannot splice unix sockets soundly, see the
+    /// README); userspace copies them. TLS frontends and TLS relays are always copied.
     #[arg(long, value_enum, default_value = "auto")]
     pub dataplane: crate::dataplane::engine::DataplaneMode,
 

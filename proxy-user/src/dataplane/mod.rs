@@ -6,13 +6,15 @@
 //! - a DATA-packet leg on a shared gRPC stream ([`packet_bridge`]), the stock
 //!   protocol, always moved in userspace;
 //! - a socket leg (a raw relay socket, one per tunnelled connection), moved by
-//!   a [`SpliceEngine`]: in userspace today, by the eBPF sockmap engine where
-//!   it loads.
+//!   a [`SpliceEngine`] in userspace, by the eBPF sockmap engine where it loads
+//!   (agent: relay ⇄ backend), or by splice(2) through pipes ([`pipe_splice`];
+//!   server: unix-socket frontend ⇄ plaintext relay).
 
 pub mod engine;
 pub mod flow;
 pub mod kernel_splice;
 pub mod packet_bridge;
+pub mod pipe_splice;
 pub mod sockmap;
 pub mod tcp_state;
 pub mod valve;
@@ -31,6 +33,9 @@ pub enum EngineKind {
     Userspace,
     /// Kernel: the eBPF sockmap program joins the two sockets.
     Sockmap,
+    /// Kernel pages moved by splice(2) through a pipe, driven from userspace
+    /// (the server's unix-socket frontend and a plaintext relay).
+    Splice,
 }
 
 impl EngineKind {
@@ -38,6 +43,7 @@ impl EngineKind {
         match self {
             EngineKind::Userspace => "userspace",
             EngineKind::Sockmap => "sockmap",
+            EngineKind::Splice => "splice",
         }
     }
 }

@@ -4,7 +4,6 @@
 //! ALPN then says gRPC or TLS relay. Sharing the port keeps konduit's
 //! firewall and load-balancer footprint identical to stock.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -12,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::relay::RelayBroker;
+use super::relay::{RelayBroker, RelayStream};
 use crate::net::{TLS_HANDSHAKE_TIMEOUT, accept_loop, tls_handshake};
 
 pub use crate::protocol::relay::ALPN_RELAY;
@@ -39,15 +38,14 @@ pub fn incoming(
                 }
             }
             if first[0] == b'K' {
-                let fd = stream.as_raw_fd();
-                if let Err(e) = broker.accept(stream, true, Some(fd)).await {
+                if let Err(e) = broker.accept(stream, RelayStream::Plain).await {
                     tracing::warn!(%peer, error = %e, "relay socket refused");
                 }
                 return;
             }
             let Some(tls) = tls_handshake(&acceptor, stream, peer, "agent").await else { return };
             if tls.get_ref().1.alpn_protocol() == Some(ALPN_RELAY) {
-                if let Err(e) = broker.accept(tls, false, None).await {
+                if let Err(e) = broker.accept(tls, RelayStream::tls).await {
                     tracing::warn!(%peer, error = %e, "TLS relay socket refused");
                 }
                 return;

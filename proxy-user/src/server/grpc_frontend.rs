@@ -243,7 +243,7 @@ async fn dial(
             let conns = conns.clone();
             let start = move || {
                 tokio::spawn(async move {
-                    packet_bridge::bridge(socket.stream, link, Bytes::new()).await;
+                    packet_bridge::bridge(socket.stream.into_boxed(), link, Bytes::new()).await;
                     lock(&conns).remove(&connect_id);
                 })
             };

@@ -3,16 +3,25 @@
 //! answers 200 only once the agent has dialled (or the stock error status),
 //! then hands the socket to the data plane. Bad input closes only its own
 //! connection.
+//!
+//! Data plane: a unix-socket frontend and a plaintext relay socket are joined
+//! by splice(2) ([`crate::dataplane::pipe_splice`]); a TLS frontend or a TLS
+//! relay is moved in userspace, counted in `konduit_dataplane_fallbacks_total`
+//! with the reason. (Stock serves HTTP-CONNECT over TCP only with TLS, so
+//! there is no plain TCP frontend to splice.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::server::TlsStream;
 
 use super::registry::{AgentRegistry, DialError, DialSpec, Leg};
-use crate::dataplane::packet_bridge;
-use crate::dataplane::{EngineKind, SpliceEngine, UserspaceEngine};
+use super::relay::RelayStream;
+use crate::dataplane::pipe_splice::PipeSplice;
+use crate::dataplane::{EngineKind, SpliceStats, engine, packet_bridge};
 use crate::metrics::ServerMetrics;
 use crate::protocol::http_connect::{self, RequestError};
 
@@ -22,6 +31,54 @@ pub struct HttpConnectSettings {
     pub max_header_bytes: usize,
     pub header_timeout: Duration,
     pub dial_timeout: Option<Duration>,
+    /// Join unix-socket frontends and plaintext relays in the kernel
+    /// (`--dataplane` other than `userspace`).
+    pub kernel_splice: bool,
+}
+
+/// A frontend connection as the data plane sees it.
+pub trait FrontendStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The plain unix socket this stream is, if it is one (the kernel can
+    /// splice it); anything else comes back unchanged.
+    fn into_unix(self) -> Result<UnixStream, Self>
+    where
+        Self: Sized;
+}
+
+impl FrontendStream for UnixStream {
+    fn into_unix(self) -> Result<UnixStream, Self> {
+        Ok(self)
+    }
+}
+
+impl FrontendStream for TlsStream<TcpStream> {
+    fn into_unix(self) -> Result<UnixStream, Self> {
+        Err(self)
+    }
+}
+
+/// Why a relayed HTTP-CONNECT connection was moved in userspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpliceFallback {
+    /// `--dataplane=userspace`.
+    Disabled,
+    /// The frontend is TLS (TCP with mTLS): its bytes are not the tunnelled bytes.
+    TlsFrontend,
+    /// The relay is TLS (the destination port is not in the agent's plaintext list).
+    TlsRelay,
+    /// The pipes could not be made (out of file descriptors).
+    PipeFailed,
+}
+
+impl SpliceFallback {
+    fn as_str(self) -> &'static str {
+        match self {
+            SpliceFallback::Disabled => "dataplane_userspace",
+            SpliceFallback::TlsFrontend => "tls_frontend",
+            SpliceFallback::TlsRelay => "tls_relay",
+            SpliceFallback::PipeFailed => "pipe_failed",
+        }
+    }
 }
 
 enum HeaderError {
@@ -60,15 +117,13 @@ async fn read_header<S: AsyncRead + Unpin>(
 use bytes::BufMut;
 
 /// Serves one frontend connection to the end.
-pub async fn serve_connection<S>(
+pub async fn serve_connection<S: FrontendStream>(
     mut stream: S,
     peer: String,
     registry: Arc<AgentRegistry>,
     settings: Arc<HttpConnectSettings>,
     metrics: ServerMetrics,
-) where
-    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
+) {
     metrics.http_connections.inc();
     let _gauge = scopeguard(metrics.http_connections.clone());
     let (request, rest) = match read_header(&mut stream, &settings).await {
@@ -144,17 +199,29 @@ pub async fn serve_connection<S>(
             session.release(connect_id);
             (EngineKind::Userspace, stats.local_to_peer, stats.peer_to_local, stats.error)
         }
-        Leg::Relay(mut relay) => {
-            // Bytes the client sent right after its header go first, in order.
-            if !rest.is_empty()
-                && let Err(e) = relay.stream.write_all(&rest).await
-            {
+        Leg::Relay(relay) => {
+            // Order of the bytes. The "200" is already written, before any
+            // byte from the relay is moved, so it precedes the backend's
+            // bytes. Bytes the client sent right after its header (`rest`,
+            // read with the header) go to the relay now, completely, before
+            // either engine starts, so they precede whatever the client sends
+            // later. Nothing was read from the relay beyond its preamble, so
+            // the backend's bytes all wait, in order, in its receive queue.
+            // From here each direction has exactly one path (a pipe, or a
+            // userspace buffer) that the engine empties before it refills:
+            // unlike a sockmap insert, there is no moment when bytes queued
+            // earlier and bytes arriving later take different paths.
+            let mut relay = relay.stream;
+            let written = match &mut relay {
+                RelayStream::Plain(s) => s.write_all(&rest).await,
+                RelayStream::Tls(s) => s.write_all(&rest).await,
+            };
+            if let Err(e) = written {
                 tracing::info!(%peer, %address, connect_id, error = %e, "relay socket failed");
                 return;
             }
-            let engine = UserspaceEngine;
-            let stats = engine.splice(Box::new(stream), relay.stream).await;
-            (engine.kind(), stats.a_to_b + rest.len() as u64, stats.b_to_a, stats.error)
+            let stats = join_frontend_and_relay(stream, relay, &settings, &metrics).await;
+            (stats.engine, stats.a_to_b + rest.len() as u64, stats.b_to_a, stats.error)
         }
     };
     metrics.connection_duration.observe(started.elapsed().as_secs_f64());
@@ -162,6 +229,46 @@ pub async fn serve_connection<S>(
     match error {
         Some(e) => tracing::info!(%peer, %address, connect_id, %engine, error = %e, "tunnel ended with an error"),
         None => tracing::debug!(%peer, %address, connect_id, %engine, up = to_node, down = from_node, "tunnel closed"),
+    }
+}
+
+/// Moves the bytes of a relayed connection until both directions are done:
+/// splice(2) for a unix frontend and a plaintext relay, userspace otherwise
+/// (with the reason counted).
+async fn join_frontend_and_relay<S: FrontendStream>(
+    frontend: S,
+    relay: RelayStream,
+    settings: &HttpConnectSettings,
+    metrics: &ServerMetrics,
+) -> SpliceStats {
+    let fall_back = |reason: SpliceFallback| {
+        metrics.dataplane.fallbacks.with_label_values(&[reason.as_str()]).inc();
+    };
+    if !settings.kernel_splice {
+        fall_back(SpliceFallback::Disabled);
+        return engine::userspace(Box::new(frontend), relay.into_boxed()).await;
+    }
+    let frontend = match frontend.into_unix() {
+        Ok(unix) => unix,
+        Err(other) => {
+            fall_back(SpliceFallback::TlsFrontend);
+            return engine::userspace(Box::new(other), relay.into_boxed()).await;
+        }
+    };
+    let relay = match relay {
+        RelayStream::Plain(tcp) => tcp,
+        tls @ RelayStream::Tls(_) => {
+            fall_back(SpliceFallback::TlsRelay);
+            return engine::userspace(Box::new(frontend), tls.into_boxed()).await;
+        }
+    };
+    match PipeSplice::new(frontend, relay) {
+        Ok(joined) => joined.run().await,
+        Err((e, frontend, relay)) => {
+            tracing::warn!(error = %e, "no pipes for splice(2); moving this connection in userspace");
+            fall_back(SpliceFallback::PipeFailed);
+            engine::userspace(Box::new(frontend), Box::new(relay)).await
+        }
     }
 }
 

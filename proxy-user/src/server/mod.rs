@@ -143,6 +143,7 @@ pub async fn run(args: ServerArgs, shutdown: Shutdown) -> Result<()> {
                 max_header_bytes: args.http_connect_max_header_bytes,
                 header_timeout: args.http_connect_header_timeout,
                 dial_timeout,
+                kernel_splice: args.dataplane != crate::dataplane::engine::DataplaneMode::Userspace,
             });
             if !args.uds_name.is_empty() {
                 let listener = net::bind_unix(&args.uds_name, args.delete_existing_uds_file)?;

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -24,12 +25,33 @@ pub const TICKET_TTL: Duration = Duration::from_secs(60);
 
 /// A relay socket that presented a valid ticket.
 pub struct RelaySocket {
-    pub stream: Box<dyn SpliceSocket>,
-    /// Whether the bytes on it are the tunnelled bytes themselves (no TLS),
-    /// so that the kernel could splice it.
-    pub plaintext: bool,
-    /// The raw fd, for the sockmap engine (plaintext TCP only).
-    pub raw_fd: Option<std::os::fd::RawFd>,
+    pub stream: RelayStream,
+}
+
+/// What a relay socket is, after its preamble: the data plane may join a
+/// plaintext one in the kernel.
+pub enum RelayStream {
+    /// Plain TCP: the bytes on it are the tunnelled bytes themselves. Nothing
+    /// was read from it beyond the preamble (read exactly, unbuffered), so
+    /// the next byte in its receive queue is the backend's first.
+    Plain(TcpStream),
+    /// A TLS relay: only userspace can move its bytes.
+    Tls(Box<dyn SpliceSocket>),
+}
+
+impl RelayStream {
+    /// Wraps a TLS relay.
+    pub fn tls<S: SpliceSocket>(stream: S) -> Self {
+        RelayStream::Tls(Box::new(stream))
+    }
+
+    /// The socket for a userspace engine, whatever it is.
+    pub fn into_boxed(self) -> Box<dyn SpliceSocket> {
+        match self {
+            RelayStream::Plain(s) => Box::new(s),
+            RelayStream::Tls(s) => s,
+        }
+    }
 }
 
 struct PendingTicket {
@@ -103,12 +125,13 @@ impl RelayBroker {
         lock(&self.tickets).len()
     }
 
-    /// Serves one relay socket: hello, then (after any idle time) one ticket.
+    /// Serves one relay socket: hello, then (after any idle time) one
+    /// ticket; `into_relay` says what kind of relay it is
+    /// ([`RelayStream::Plain`] or [`RelayStream::tls`]).
     pub async fn accept<S>(
         &self,
         mut stream: S,
-        plaintext: bool,
-        raw_fd: Option<std::os::fd::RawFd>,
+        into_relay: impl FnOnce(S) -> RelayStream,
     ) -> Result<(), RelayAcceptError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -140,7 +163,7 @@ impl RelayBroker {
             return Err(RelayAcceptError::BadTicket);
         };
         stream.write_all(&[Verdict::Accepted as u8]).await?;
-        let socket = RelaySocket { stream: Box::new(stream), plaintext, raw_fd };
+        let socket = RelaySocket { stream: into_relay(stream) };
         // If the dial gave up meanwhile, dropping the socket closes it.
         let _ = pending.deliver.send(socket);
         Ok(())
@@ -155,7 +178,7 @@ mod tests {
 
     async fn present(broker: Arc<RelayBroker>, key: Token, ticket: Token) -> (Result<(), RelayAcceptError>, u8) {
         let (mut agent, server) = tokio::io::duplex(256);
-        let accept = tokio::spawn(async move { broker.accept(server, true, None).await });
+        let accept = tokio::spawn(async move { broker.accept(server, RelayStream::tls).await });
         agent.write_all(&encode_hello(&key)).await.expect("hello");
         agent.write_all(&ticket.0).await.expect("ticket");
         let mut verdict = [0u8; 1];
@@ -186,7 +209,7 @@ mod tests {
         let broker = Arc::new(RelayBroker::default());
         let (mut agent, server) = tokio::io::duplex(256);
         let b = broker.clone();
-        let accept = tokio::spawn(async move { b.accept(server, true, None).await });
+        let accept = tokio::spawn(async move { b.accept(server, RelayStream::tls).await });
         agent.write_all(&encode_hello(&Token::random())).await.expect("hello");
         let mut verdict = [0u8; 1];
         agent.read_exact(&mut verdict).await.expect("verdict");
