@@ -66,8 +66,35 @@ pub struct SpliceStats {
 }
 
 /// A stream socket an engine can join to another.
-pub trait SpliceSocket: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> SpliceSocket for T {}
+pub trait SpliceSocket: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Makes the coming close an abort the peer can see (RST on TCP), so that
+    /// a connection reset on one side does not end as a clean EOF on the
+    /// other. Sockets without an abort (unix, in-memory) close as usual.
+    fn abort_on_close(&self) {}
+}
+
+impl SpliceSocket for tokio::net::TcpStream {
+    fn abort_on_close(&self) {
+        // Best effort: the socket is about to close either way.
+        let _ = tcp_state::abort_on_close(self);
+    }
+}
+
+impl SpliceSocket for tokio::net::UnixStream {}
+
+impl SpliceSocket for tokio::io::DuplexStream {}
+
+impl<S: SpliceSocket> SpliceSocket for tokio_rustls::server::TlsStream<S> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close();
+    }
+}
+
+impl<S: SpliceSocket> SpliceSocket for tokio_rustls::client::TlsStream<S> {
+    fn abort_on_close(&self) {
+        self.get_ref().0.abort_on_close();
+    }
+}
 
 pub type SpliceFuture = Pin<Box<dyn Future<Output = SpliceStats> + Send>>;
 
@@ -92,7 +119,13 @@ impl SpliceEngine for UserspaceEngine {
             // copy_bidirectional shuts down each write side when its source hits EOF.
             match tokio::io::copy_bidirectional(&mut a, &mut b).await {
                 Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, ..Default::default() },
-                Err(e) => SpliceStats { error: Some(e.to_string()), ..Default::default() },
+                Err(e) => {
+                    // One side was reset or failed: the connection is broken, and
+                    // a plain close would tell the other side it ended cleanly.
+                    a.abort_on_close();
+                    b.abort_on_close();
+                    SpliceStats { error: Some(e.to_string()), ..Default::default() }
+                }
             }
         })
     }
@@ -123,5 +156,35 @@ mod tests {
         assert_eq!(back, b"pong");
         let stats = splice.await.expect("joins");
         assert_eq!((stats.a_to_b, stats.b_to_a), (4, 4));
+    }
+
+    /// (outer, inner) ends of a loopback TCP connection.
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let outer = tokio::net::TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let (inner, _) = listener.accept().await.expect("accept");
+        (outer, inner)
+    }
+
+    #[tokio::test]
+    async fn userspace_engine_passes_a_reset_on_as_a_reset_not_as_a_clean_end() {
+        for reset_first_side in [true, false] {
+            let (mut a_outer, a_inner) = tcp_pair().await;
+            let (mut b_outer, b_inner) = tcp_pair().await;
+            let splice = tokio::spawn(UserspaceEngine.splice(Box::new(a_inner), Box::new(b_inner)));
+            a_outer.write_all(b"request").await.expect("write");
+            let mut got = [0u8; 7];
+            b_outer.read_exact(&mut got).await.expect("request arrives");
+            let (resetting, mut survivor) = if reset_first_side { (a_outer, b_outer) } else { (b_outer, a_outer) };
+            tcp_state::abort_on_close(&resetting).expect("linger 0");
+            drop(resetting);
+            let mut buf = [0u8; 8];
+            let result = survivor.read(&mut buf).await;
+            assert!(
+                matches!(&result, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "the other side sees a reset (reset side first: {reset_first_side}), got {result:?}"
+            );
+            assert!(splice.await.expect("joins").error.is_some(), "the engine reports the failure");
+        }
     }
 }

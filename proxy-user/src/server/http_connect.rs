@@ -37,7 +37,7 @@ pub struct HttpConnectSettings {
 }
 
 /// A frontend connection as the data plane sees it.
-pub trait FrontendStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+pub trait FrontendStream: crate::dataplane::SpliceSocket {
     /// The plain unix socket this stream is, if it is one (the kernel can
     /// splice it); anything else comes back unchanged.
     fn into_unix(self) -> Result<UnixStream, Self>
