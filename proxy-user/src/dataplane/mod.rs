@@ -21,6 +21,7 @@ pub mod valve;
 
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -120,10 +121,13 @@ impl SpliceEngine for UserspaceEngine {
             match tokio::io::copy_bidirectional(&mut a, &mut b).await {
                 Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, ..Default::default() },
                 Err(e) => {
-                    // One side was reset or failed: the connection is broken, and
-                    // a plain close would tell the other side it ended cleanly.
-                    a.abort_on_close();
-                    b.abort_on_close();
+                    // One side was reset: a plain close would tell the other side
+                    // the connection ended cleanly. Other failures (a TLS peer that
+                    // closed without close_notify) still end with a close.
+                    if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) {
+                        a.abort_on_close();
+                        b.abort_on_close();
+                    }
                     SpliceStats { error: Some(e.to_string()), ..Default::default() }
                 }
             }

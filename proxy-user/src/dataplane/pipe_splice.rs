@@ -1,5 +1,5 @@
 //! The pipe-splice engine: joins two stream sockets with splice(2) through
-//! one pipe per direction. The kernel moves page references from one socket
+//! a pipe per moving direction. The kernel moves page references from one socket
 //! to the pipe and on to the other; the payload never enters userspace, which
 //! only drives the loop on readiness. The server uses it to join an
 //! HTTP-CONNECT frontend on a unix socket with a plaintext relay socket.
@@ -15,12 +15,17 @@
 //! after the last byte was handed to the sink, in order. It was also faster
 //! than the sockmap engine for unix ⇄ TCP on this kernel.
 //!
-//! Owns its two pipes; never reads or writes payload itself.
+//! Owns the process's pool of pipes. A direction takes a pipe only while
+//! bytes are in it and gives it back empty, so an idle connection holds no
+//! pipe: a server with thousands of open tunnels needs two fds per tunnel,
+//! not six. Payload enters userspace only when no pipe can be made (the
+//! process is out of file descriptors): that chunk is copied instead.
 
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use nix::fcntl::{OFlag, SpliceFFlags};
 use tokio::io::{Interest, Ready};
@@ -90,7 +95,7 @@ impl PipeSocket for tokio::net::UnixStream {
     }
 }
 
-/// One direction's pipe.
+/// A pipe, empty whenever it is not lent to a direction.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -101,6 +106,34 @@ impl Pipe {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         Ok(Pipe { read, write })
     }
+}
+
+/// Empty pipes kept for reuse; beyond this many, a returned pipe is closed.
+const POOL_MAX_IDLE: usize = 256;
+
+/// The process's empty pipes.
+static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+fn take_pipe() -> io::Result<Pipe> {
+    let reused = POOL.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    match reused {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}
+
+/// Gives back a pipe that is empty (everything spliced in was spliced out).
+fn return_pipe(pipe: Pipe) {
+    let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    if pool.len() < POOL_MAX_IDLE {
+        pool.push(pipe);
+    }
+}
+
+/// Pipes waiting in the pool, for tests.
+#[cfg(test)]
+fn pooled_pipes() -> usize {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner).len()
 }
 
 fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
@@ -122,105 +155,160 @@ impl PumpError {
     }
 }
 
-/// One direction: where from, where to, through which pipe.
+/// One direction: where from, where to.
 struct Direction<'a, S, D> {
     source: &'a S,
     sink: &'a D,
-    pipe: &'a Pipe,
     /// Whether the other direction half-closed `source`.
     source_fin_sent: &'a AtomicBool,
     /// Set when this direction half-closes `sink`.
     sink_fin_sent: &'a AtomicBool,
 }
 
+/// What one fill of a pipe brought.
+enum Filled {
+    /// Bytes moved to the sink.
+    Moved,
+    /// The source reached EOF.
+    Eof,
+}
+
 /// Moves everything the source receives to the sink until EOF, then
 /// half-closes the sink; counts the bytes moved into `moved`.
 async fn pump<S: PipeSocket, D: PipeSocket>(dir: Direction<'_, S, D>, moved: &mut u64) -> Result<(), PumpError> {
-    let Direction { source, sink, pipe, source_fin_sent, sink_fin_sent } = dir;
     loop {
-        // Fill the pipe only when it is empty: a non-blocking splice into it
-        // then answers EAGAIN only because the source has nothing, so waiting
-        // for the source's readiness cannot miss a wake-up.
-        let filled = loop {
-            match source.try_io(Interest::READABLE, || splice(source.as_fd(), pipe.write.as_fd(), CHUNK)) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    source.ready(Interest::READABLE).await.map_err(PumpError::Source)?;
-                }
-                Err(e) => return Err(PumpError::Source(e)),
+        // Wait for bytes before taking a pipe, so that idle directions hold none.
+        dir.source.ready(Interest::READABLE).await.map_err(PumpError::Source)?;
+        let filled = match take_pipe() {
+            Ok(pipe) => through_pipe(&dir, pipe, moved).await?,
+            Err(e) => {
+                tracing::debug!(error = %e, "no pipe for splice(2); copying one chunk");
+                copy_chunk(&dir, moved).await?
             }
         };
-        if filled == 0 {
-            if source.was_reset(source_fin_sent.load(Ordering::Acquire)) {
+        if let Some(Filled::Eof) = filled {
+            if dir.source.was_reset(dir.source_fin_sent.load(Ordering::Acquire)) {
                 return Err(PumpError::Source(io::ErrorKind::ConnectionReset.into()));
             }
-            // EOF. Every byte before it has left the pipe for the sink (the
-            // loop below empties it before filling again), so the FIN cannot
-            // overtake data.
-            sink_fin_sent.store(true, Ordering::Release);
-            return tcp_state::shutdown_write(sink).map_err(PumpError::Sink);
-        }
-        let mut left = filled;
-        while left > 0 {
-            match sink.try_io(Interest::WRITABLE, || splice(pipe.read.as_fd(), sink.as_fd(), left)) {
-                Ok(0) => return Err(PumpError::Sink(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    left -= n;
-                    *moved += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sink.ready(Interest::WRITABLE).await.map_err(PumpError::Sink)?;
-                }
-                Err(e) => return Err(PumpError::Sink(e)),
-            }
+            // EOF. Every byte before it has left the pipe for the sink (a
+            // fill is emptied before the next), so the FIN cannot overtake data.
+            dir.sink_fin_sent.store(true, Ordering::Release);
+            return tcp_state::shutdown_write(dir.sink).map_err(PumpError::Sink);
         }
     }
 }
 
-/// Two sockets with their pipes, ready to run.
+/// Fills `pipe` from the source once and empties it into the sink, then
+/// returns it to the pool; `None` when the readiness was stale. The pipe is
+/// filled only when empty, so a non-blocking splice into it answers EAGAIN
+/// only because the source has nothing: waiting for the source's readiness
+/// then cannot miss a wake-up. A pipe that failed mid-way is closed, not
+/// returned (it may hold bytes).
+async fn through_pipe<S: PipeSocket, D: PipeSocket>(
+    dir: &Direction<'_, S, D>,
+    pipe: Pipe,
+    moved: &mut u64,
+) -> Result<Option<Filled>, PumpError> {
+    let (source, sink) = (dir.source, dir.sink);
+    let filled = match source.try_io(Interest::READABLE, || splice(source.as_fd(), pipe.write.as_fd(), CHUNK)) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            return_pipe(pipe);
+            return Ok(None);
+        }
+        Err(e) => return Err(PumpError::Source(e)),
+    };
+    if filled == 0 {
+        return_pipe(pipe);
+        return Ok(Some(Filled::Eof));
+    }
+    let mut left = filled;
+    while left > 0 {
+        match sink.try_io(Interest::WRITABLE, || splice(pipe.read.as_fd(), sink.as_fd(), left)) {
+            Ok(0) => return Err(PumpError::Sink(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                left -= n;
+                *moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sink.ready(Interest::WRITABLE).await.map_err(PumpError::Sink)?;
+            }
+            Err(e) => return Err(PumpError::Sink(e)),
+        }
+    }
+    return_pipe(pipe);
+    Ok(Some(Filled::Moved))
+}
+
+/// Bytes copied at a time when no pipe can be made.
+const COPY_CHUNK: usize = 16 * 1024;
+
+/// The same as [`through_pipe`] through a userspace buffer, for when the
+/// process has no fd left for a pipe.
+async fn copy_chunk<S: PipeSocket, D: PipeSocket>(
+    dir: &Direction<'_, S, D>,
+    moved: &mut u64,
+) -> Result<Option<Filled>, PumpError> {
+    let (source, sink) = (dir.source, dir.sink);
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let filled = match source.try_io(Interest::READABLE, || read(source.as_fd(), &mut buf)) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(PumpError::Source(e)),
+    };
+    if filled == 0 {
+        return Ok(Some(Filled::Eof));
+    }
+    let mut done = 0;
+    while done < filled {
+        match sink.try_io(Interest::WRITABLE, || write(sink.as_fd(), &buf[done..filled])) {
+            Ok(0) => return Err(PumpError::Sink(io::ErrorKind::WriteZero.into())),
+            Ok(n) => {
+                done += n;
+                *moved += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sink.ready(Interest::WRITABLE).await.map_err(PumpError::Sink)?;
+            }
+            Err(e) => return Err(PumpError::Sink(e)),
+        }
+    }
+    Ok(Some(Filled::Moved))
+}
+
+fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(fd, buf).map_err(io::Error::from)
+}
+
+fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    nix::unistd::write(fd, buf).map_err(io::Error::from)
+}
+
+/// Two sockets, ready to be joined.
 pub struct PipeSplice<A: PipeSocket, B: PipeSocket> {
     a: A,
     b: B,
-    a_to_b: Pipe,
-    b_to_a: Pipe,
 }
 
 impl<A: PipeSocket, B: PipeSocket> PipeSplice<A, B> {
-    /// Makes the pipes. On failure (out of file descriptors) both sockets
-    /// come back for another engine.
-    pub fn new(a: A, b: B) -> Result<Self, (io::Error, A, B)> {
-        match Pipe::new().and_then(|p| Pipe::new().map(|q| (p, q))) {
-            Ok((a_to_b, b_to_a)) => Ok(PipeSplice { a, b, a_to_b, b_to_a }),
-            Err(e) => Err((e, a, b)),
-        }
+    pub fn new(a: A, b: B) -> Self {
+        PipeSplice { a, b }
     }
 
     /// Moves bytes both ways until both directions reached EOF (each
     /// half-close passed on after the bytes before it) or one end failed
     /// (then both are closed, TCP ends with RST).
     pub async fn run(self) -> SpliceStats {
-        let PipeSplice { a, b, a_to_b, b_to_a } = self;
+        let PipeSplice { a, b } = self;
         let (mut forward_bytes, mut backward_bytes) = (0u64, 0u64);
         let (a_fin_sent, b_fin_sent) = (AtomicBool::new(false), AtomicBool::new(false));
         let error = {
             let forward = pump(
-                Direction {
-                    source: &a,
-                    sink: &b,
-                    pipe: &a_to_b,
-                    source_fin_sent: &a_fin_sent,
-                    sink_fin_sent: &b_fin_sent,
-                },
+                Direction { source: &a, sink: &b, source_fin_sent: &a_fin_sent, sink_fin_sent: &b_fin_sent },
                 &mut forward_bytes,
             );
             let backward = pump(
-                Direction {
-                    source: &b,
-                    sink: &a,
-                    pipe: &b_to_a,
-                    source_fin_sent: &b_fin_sent,
-                    sink_fin_sent: &a_fin_sent,
-                },
+                Direction { source: &b, sink: &a, source_fin_sent: &b_fin_sent, sink_fin_sent: &a_fin_sent },
                 &mut backward_bytes,
             );
             tokio::pin!(forward, backward);
@@ -287,13 +375,60 @@ mod tests {
             .collect()
     }
 
+    /// One test of this module at a time: they count the process's pipes.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Open file descriptors of this process that are pipes.
+    fn pipe_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn pipe_splice_idle_connections_hold_no_pipe_and_a_transfer_gives_its_pipe_back() {
+        let _serial = SERIAL.lock().await;
+        let before = pipe_fds();
+        let mut open = Vec::new();
+        for _ in 0..50 {
+            let (client, server, relay, far) = topology().await;
+            open.push((client, far, start(server, relay)));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Other tests of this binary may open a few pipes meanwhile; four per
+        // connection (two pipes) would be 200.
+        let idle = pipe_fds();
+        assert!(idle < before + 10, "50 idle joined connections hold no pipe: {before} pipe fds before, {idle} after");
+
+        // Each moves a few bytes one way; the pipes come back to the pool, not one per connection.
+        for (client, far, _) in &mut open {
+            client.write_all(b"hello").await.expect("write");
+            let mut got = [0u8; 5];
+            far.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"hello");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(pooled_pipes() >= 1, "the pipe went back to the pool");
+        let after = pipe_fds();
+        assert!(
+            after < before + 10,
+            "after the bytes moved only pooled pipes stay open: {before} before, {after} after"
+        );
+        for (client, far, splice) in open {
+            drop((client, far));
+            splice.await.expect("joins");
+        }
+    }
+
     fn start(server: UnixStream, relay: TcpStream) -> tokio::task::JoinHandle<SpliceStats> {
-        let joined = PipeSplice::new(server, relay).map_err(|(e, _, _)| e).expect("pipes");
-        tokio::spawn(joined.run())
+        tokio::spawn(PipeSplice::new(server, relay).run())
     }
 
     #[tokio::test]
     async fn pipe_splice_moves_bulk_byte_exact_both_ways_at_once() {
+        let _serial = SERIAL.lock().await;
         let (client, server, relay, far) = topology().await;
         let splice = start(server, relay);
         let up = pattern(8 << 20, 1);
@@ -325,6 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipe_splice_passes_half_close_each_way_after_the_bytes_before_it() {
+        let _serial = SERIAL.lock().await;
         for client_closes_first in [true, false] {
             let (mut client, server, relay, mut far) = topology().await;
             let splice = start(server, relay);
@@ -352,6 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipe_splice_turns_a_tcp_reset_into_a_closed_unix_socket_and_a_unix_abort_into_a_reset() {
+        let _serial = SERIAL.lock().await;
         // Relay side resets: the unix client sees the connection end.
         let (mut client, server, relay, far) = topology().await;
         let splice = start(server, relay);
@@ -382,6 +519,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipe_splice_never_truncates_when_the_writer_closes_right_after_a_large_write() {
+        let _serial = SERIAL.lock().await;
         for round in 0..50u64 {
             let (client, server, relay, far) = topology().await;
             let splice = start(server, relay);

@@ -66,8 +66,6 @@ enum SpliceFallback {
     TlsFrontend,
     /// The relay is TLS (the destination port is not in the agent's plaintext list).
     TlsRelay,
-    /// The pipes could not be made (out of file descriptors).
-    PipeFailed,
 }
 
 impl SpliceFallback {
@@ -76,7 +74,6 @@ impl SpliceFallback {
             SpliceFallback::Disabled => "dataplane_userspace",
             SpliceFallback::TlsFrontend => "tls_frontend",
             SpliceFallback::TlsRelay => "tls_relay",
-            SpliceFallback::PipeFailed => "pipe_failed",
         }
     }
 }
@@ -262,14 +259,7 @@ async fn join_frontend_and_relay<S: FrontendStream>(
             return engine::userspace(Box::new(frontend), tls.into_boxed()).await;
         }
     };
-    match PipeSplice::new(frontend, relay) {
-        Ok(joined) => joined.run().await,
-        Err((e, frontend, relay)) => {
-            tracing::warn!(error = %e, "no pipes for splice(2); moving this connection in userspace");
-            fall_back(SpliceFallback::PipeFailed);
-            engine::userspace(Box::new(frontend), Box::new(relay)).await
-        }
-    }
+    PipeSplice::new(frontend, relay).run().await
 }
 
 /// Closes after an error reply without resetting the connection: unread
