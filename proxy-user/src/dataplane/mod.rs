@@ -17,6 +17,7 @@ pub mod packet_bridge;
 pub mod pipe_splice;
 pub mod sockmap;
 pub mod tcp_state;
+pub mod userspace_copy;
 pub mod valve;
 
 use std::fmt;
@@ -106,7 +107,7 @@ pub trait SpliceEngine: Send + Sync {
     fn splice(&self, a: Box<dyn SpliceSocket>, b: Box<dyn SpliceSocket>) -> SpliceFuture;
 }
 
-/// The userspace engine: a tokio copy in each direction, with half-close.
+/// The userspace engine: a copy in each direction ([`userspace_copy`]), with half-close.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct UserspaceEngine;
 
@@ -115,21 +116,23 @@ impl SpliceEngine for UserspaceEngine {
         EngineKind::Userspace
     }
 
-    fn splice(&self, mut a: Box<dyn SpliceSocket>, mut b: Box<dyn SpliceSocket>) -> SpliceFuture {
+    fn splice(&self, a: Box<dyn SpliceSocket>, b: Box<dyn SpliceSocket>) -> SpliceFuture {
         Box::pin(async move {
-            // copy_bidirectional shuts down each write side when its source hits EOF.
-            match tokio::io::copy_bidirectional(&mut a, &mut b).await {
-                Ok((a_to_b, b_to_a)) => SpliceStats { a_to_b, b_to_a, ..Default::default() },
-                Err(e) => {
-                    // One side was reset: a plain close would tell the other side
-                    // the connection ended cleanly. Other failures (a TLS peer that
-                    // closed without close_notify) still end with a close.
-                    if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted) {
-                        a.abort_on_close();
-                        b.abort_on_close();
-                    }
-                    SpliceStats { error: Some(e.to_string()), ..Default::default() }
-                }
+            let (copied, error, a, b) = userspace_copy::copy_both_ways(a, b).await;
+            // One side was reset: a plain close would tell the other side the
+            // connection ended cleanly. Other failures (a TLS peer that closed
+            // without close_notify) still end with a close.
+            if let Some(e) = &error
+                && matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted)
+            {
+                a.abort_on_close();
+                b.abort_on_close();
+            }
+            SpliceStats {
+                a_to_b: copied.a_to_b,
+                b_to_a: copied.b_to_a,
+                error: error.map(|e| e.to_string()),
+                ..Default::default()
             }
         })
     }
