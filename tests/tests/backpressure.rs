@@ -30,6 +30,8 @@ const STALL: Duration = Duration::from_secs(10);
 /// What the node may additionally hold for the stalled connection (issue 3).
 const GROWTH_BOUND: u64 = 16 * MIB;
 const SEED: u64 = 0x7374_616c;
+/// The stalled backend's receive buffer (the kernel doubles it for overhead).
+const ENDPOINT_RCVBUF: usize = 256 * 1024;
 
 /// Only one of these tests at a time: each samples machine-wide memory.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
@@ -224,6 +226,38 @@ impl MemoryWatch {
     }
 }
 
+/// Where the bytes sit: every loopback TCP socket and unix stream socket holding more than
+/// 64 KiB, from `ss` (iproute2), for the log. Best effort: an empty string if `ss` fails.
+fn socket_queues() -> String {
+    let mut lines = Vec::new();
+    for family in ["-t", "-x"] {
+        let Ok(out) = std::process::Command::new("ss").args([family, "-m", "-n", "-H"]).output() else { continue };
+        let text = String::from_utf8_lossy(&out.stdout);
+        // `ss -m` prints each socket's skmem on a continuation line.
+        let mut current = String::new();
+        for line in text.lines() {
+            if line.starts_with(char::is_whitespace) {
+                current.push(' ');
+                current.push_str(line.trim());
+                continue;
+            }
+            lines.push(std::mem::take(&mut current));
+            current = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        }
+        lines.push(current);
+    }
+    lines
+        .into_iter()
+        .filter(|l| {
+            let mut fields = l.split_whitespace().skip_while(|f| f.parse::<u64>().is_err());
+            let recv_q: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+            let send_q: u64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+            recv_q + send_q > 64 * 1024
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn assert_bounded(growth: &Growth, in_flight: u64, what: &str) {
     let mib = |b: u64| b as f64 / MIB as f64;
     eprintln!(
@@ -336,6 +370,7 @@ async fn a_client_that_stops_reading_holds_a_two_gib_download_back_and_gets_ever
     };
     read_up_to(&mut stream, &mut check, &mut buf, WARM_UP).await;
     let growth = memory.sample(STALL).await;
+    eprintln!("socket queues at the end of the stall:\n{}", socket_queues());
     let in_flight = sent.load(Ordering::SeqCst) - check.received();
 
     tokio::time::timeout(deadline(FLOOD), read_up_to(&mut stream, &mut check, &mut buf, FLOOD))
@@ -365,6 +400,11 @@ async fn a_backend_that_stops_reading_holds_a_two_gib_upload_back_and_gets_every
         let (warmed_tx, verdict_tx) = (warmed_tx.clone(), verdict_tx.clone());
         let (mut released, progress) = (released.clone(), progress.clone());
         async move {
+            // The backend is an endpoint, not part of the tunnel: its receive buffer would
+            // hold as much in front of a direct connection. Left to autotune (up to
+            // tcp_rmem's 32 MiB here) it would count its own growth against the tunnel.
+            nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::RcvBuf, &ENDPOINT_RCVBUF)
+                .map_err(std::io::Error::from)?;
             let mut check = PatternCheck::new(SEED);
             let mut buf = vec![0; 64 * 1024];
             loop {
@@ -407,6 +447,7 @@ async fn a_backend_that_stops_reading_holds_a_two_gib_upload_back_and_gets_every
     });
     tokio::time::timeout(deadline(WARM_UP), warmed).await.expect("warm-up in time").expect("warm-up");
     let growth = memory.sample(STALL).await;
+    eprintln!("socket queues at the end of the stall:\n{}", socket_queues());
     let in_flight = sent.load(Ordering::SeqCst) - received.load(Ordering::SeqCst);
     release.send(true).expect("release the backend");
 
