@@ -277,17 +277,6 @@ pub fn join<M: PairMap>(
             return Err((reason, a, b));
         }
     };
-    // What a spliced socket may hold unread is its receive window, which
-    // autotuning grows up to tcp_rmem's maximum (32 MiB on this machine kind):
-    // the valve's passed bytes wait there. Clamping it to the per-direction
-    // budget bounds that part of a stalled connection too. Best effort: the
-    // connection works without it.
-    let window = u32::try_from(map.credit().settings().per_direction).unwrap_or(u32::MAX);
-    for s in [&a, &b] {
-        if let Err(e) = tcp_state::clamp_window(s.as_fd(), window) {
-            tracing::debug!(error = %e, "could not clamp a spliced socket's receive window");
-        }
-    }
     let [a_res, b_res] = reservations;
     Ok(Joined {
         map: map.clone(),
