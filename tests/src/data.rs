@@ -79,13 +79,21 @@ pub struct PatternCheck {
     seed: u64,
     received: u64,
     first_mismatch: Option<u64>,
+    /// Up to [`EVIDENCE`] bytes received from the first mismatch on, to tell a shift
+    /// (bytes lost, repeated or reordered) from damaged bytes.
+    evidence: Vec<u8>,
     scratch: Vec<u8>,
 }
+
+/// Bytes kept from the first mismatch on.
+const EVIDENCE: usize = 64;
+/// How far around the first mismatch [`PatternCheck::finish`] looks for the bytes found there.
+const SEARCH_RADIUS: u64 = 32 << 20;
 
 impl PatternCheck {
     /// Expects pattern `seed` from offset 0.
     pub fn new(seed: u64) -> Self {
-        PatternCheck { seed, received: 0, first_mismatch: None, scratch: Vec::new() }
+        PatternCheck { seed, received: 0, first_mismatch: None, evidence: Vec::new(), scratch: Vec::new() }
     }
 
     /// Feeds the next received bytes.
@@ -95,7 +103,11 @@ impl PatternCheck {
             pattern_fill(self.seed, self.received, &mut self.scratch);
             if let Some(i) = chunk.iter().zip(&self.scratch).position(|(a, b)| a != b) {
                 self.first_mismatch = Some(self.received + i as u64);
+                self.evidence = chunk[i..].iter().take(EVIDENCE).copied().collect();
             }
+        } else if self.evidence.len() < EVIDENCE {
+            let more = (EVIDENCE - self.evidence.len()).min(chunk.len());
+            self.evidence.extend_from_slice(&chunk[..more]);
         }
         self.received += chunk.len() as u64;
     }
@@ -108,12 +120,35 @@ impl PatternCheck {
     /// `Ok` if exactly `len` bytes arrived and all matched, else a description.
     pub fn finish(&self, len: u64) -> Result<(), String> {
         if let Some(at) = self.first_mismatch {
-            return Err(format!("byte {at} differs from the pattern"));
+            return Err(format!("byte {at} differs from the pattern{}", self.where_from(at)));
         }
         if self.received != len {
             return Err(format!("received {} bytes, expected {len}", self.received));
         }
         Ok(())
+    }
+
+    /// Where in the pattern the bytes received at `at` come from, if from near it.
+    fn where_from(&self, at: u64) -> String {
+        if self.evidence.len() < 16 {
+            return String::new();
+        }
+        let start = at.saturating_sub(SEARCH_RADIUS);
+        let mut window = vec![0; (at + SEARCH_RADIUS - start) as usize];
+        pattern_fill(self.seed, start, &mut window);
+        match window.windows(self.evidence.len()).position(|w| w == self.evidence.as_slice()) {
+            Some(i) => {
+                let from = start + i as u64;
+                let shift = from as i64 - at as i64;
+                format!(
+                    " (received {} bytes are the pattern's from offset {from}: {} by {} bytes)",
+                    self.evidence.len(),
+                    if shift < 0 { "repeated or late" } else { "skipped ahead" },
+                    shift.unsigned_abs()
+                )
+            }
+            None => format!(" (the {} bytes received there are from no offset within 32 MiB)", self.evidence.len()),
+        }
     }
 }
 
@@ -145,7 +180,20 @@ mod tests {
         let mut bad = PatternCheck::new(1);
         bad.update(&data[..50]);
         bad.update(&data[50..]);
-        assert_eq!(bad.finish(100), Err("byte 57 differs from the pattern".into()));
+        assert_eq!(
+            bad.finish(100),
+            Err("byte 57 differs from the pattern (the 43 bytes received there are from no offset within 32 MiB)"
+                .into()),
+            "a damaged byte is from nowhere"
+        );
+        let mut shifted = pattern(2, 4096);
+        shifted.drain(1000..1100);
+        let mut skipped = PatternCheck::new(2);
+        skipped.update(&shifted);
+        assert_eq!(
+            skipped.finish(4096),
+            Err("byte 1000 differs from the pattern (received 64 bytes are the pattern's from offset 1100: skipped ahead by 100 bytes)".into())
+        );
         assert_eq!(pattern_sha256(1, 100), sha256(&pattern(1, 100)));
     }
 }

@@ -277,6 +277,10 @@ pub fn join<M: PairMap>(
             return Err((reason, a, b));
         }
     };
+    let budget = usize::try_from(map.credit().settings().per_direction).unwrap_or(usize::MAX);
+    for socket in [&a, &b] {
+        bound_passed_bytes(socket, budget);
+    }
     let [a_res, b_res] = reservations;
     Ok(Joined {
         map: map.clone(),
@@ -292,6 +296,27 @@ pub fn join<M: PairMap>(
             Meter::new(b_flow, b_res),
         ),
     })
+}
+
+/// The smallest receive buffer a spliced socket is given, whatever the lag
+/// budget: below it a loopback relay could no longer keep a core busy.
+const MIN_SPLICED_RCVBUF: usize = 256 * 1024;
+
+/// Rule 7, the part the valve cannot meter: once a direction's credit is out,
+/// the verdict passes its skbs to the source's own receive queue, charged to
+/// its receive buffer, and only a full receive buffer shuts the TCP window to
+/// the sender. Autotuning would let that buffer grow to `tcp_rmem`'s maximum
+/// (32 MiB on this machine kind; a CI run held 6.4 MB of passed bytes on the
+/// agent's relay socket during a stalled upload), so it is fixed at the lag
+/// budget: passed and redirected-but-unsent bytes together stay under it.
+/// The socket was just connected, so its advertised window is still small.
+/// Best effort: without CAP_NET_ADMIN the kernel caps the buffer at
+/// `net.core.rmem_max`, which only makes it smaller.
+fn bound_passed_bytes(socket: &TcpStream, budget: usize) {
+    match tcp_state::fix_receive_buffer(socket.as_fd(), budget.max(MIN_SPLICED_RCVBUF)) {
+        Ok(got) => tracing::trace!(receive_buffer = got, "spliced socket's receive buffer fixed"),
+        Err(e) => tracing::debug!(error = %e, "could not fix a spliced socket's receive buffer"),
+    }
 }
 
 /// Splices `a` and `b` with `map` until both directions are done (join, then run).

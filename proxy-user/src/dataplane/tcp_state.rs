@@ -1,6 +1,6 @@
 //! Reads and sets the TCP socket state the kernel data plane steers by:
 //! byte counters from `TCP_INFO`, queue depths (`SIOCINQ`/`SIOCOUTQ`),
-//! pending errors, the receive-window clamp, and abortive close. Each
+//! pending errors, the receive buffer, and abortive close. Each
 //! syscall sits in a small function with its safety argument; nothing here
 //! reads or writes payload bytes.
 
@@ -87,24 +87,20 @@ pub fn close_gracefully(fd: impl AsFd) -> io::Result<()> {
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Linger, &linger).map_err(io::Error::from)
 }
 
-/// Bounds the receive window this socket advertises (`TCP_WINDOW_CLAMP`);
-/// the kernel raises tiny values to its minimum.
-pub fn clamp_window(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: TCP_WINDOW_CLAMP reads one c_int from the pointer.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_WINDOW_CLAMP,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+/// Fixes the socket's receive buffer at `bytes` and turns off its autotuning
+/// (`SO_RCVBUFFORCE`, which needs CAP_NET_ADMIN; without it `SO_RCVBUF`,
+/// which the kernel caps at `net.core.rmem_max`). The kernel doubles what it
+/// is given to cover skb overhead, so half of `bytes` is asked for (at most
+/// `i32::MAX / 2`, the kernel's own cap: larger values would wrap to a
+/// negative `int` and leave the smallest buffer). Returns the buffer the
+/// kernel reports afterwards.
+pub fn fix_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<usize> {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let asked = (bytes / 2).min(i32::MAX as usize / 2);
+    if setsockopt(&fd, sockopt::RcvBufForce, &asked).is_err() {
+        setsockopt(&fd, sockopt::RcvBuf, &asked).map_err(io::Error::from)?;
     }
-    Ok(())
+    getsockopt(&fd, sockopt::RcvBuf).map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -132,7 +128,8 @@ mod tests {
         assert_eq!(readable_bytes(server.as_fd()).expect("inq"), 0);
         assert!(unacked_send_queue(client.as_fd()).expect("outq") <= 1000);
         assert!(take_error(&client).expect("so_error").is_none());
-        clamp_window(server.as_fd(), 4096).expect("clamp");
+        assert_eq!(fix_receive_buffer(server.as_fd(), 256 * 1024).expect("rcvbuf"), 256 * 1024);
+        assert!(fix_receive_buffer(client.as_fd(), usize::MAX).expect("rcvbuf") >= 1 << 30, "huge means huge");
         shutdown_write(&client).expect("shutdown");
         assert_eq!(server.read(&mut buf).expect("eof"), 0);
     }

@@ -259,7 +259,24 @@ async fn join_frontend_and_relay<S: FrontendStream>(
             return engine::userspace(Box::new(frontend), tls.into_boxed()).await;
         }
     };
+    bound_relay_receive_buffer(&relay);
     PipeSplice::new(frontend, relay).run().await
+}
+
+/// The receive buffer of a spliced relay socket.
+const SPLICED_RELAY_RCVBUF: usize = 2 << 20;
+
+/// For a client that stops reading, the server holds what the relay socket's
+/// receive buffer holds (the pipe and the unix socket's buffers are small and
+/// fixed). Autotuning would let it grow to `tcp_rmem`'s maximum (32 MiB on
+/// this machine kind; 9.8 MB sat there in a stalled 2 GiB download under
+/// CPU load), so it is fixed. 2 MiB keeps a window of about 1 MiB open:
+/// plenty on loopback and in a data centre, the limit on a long fat link.
+fn bound_relay_receive_buffer(relay: &TcpStream) {
+    use std::os::fd::AsFd;
+    if let Err(e) = crate::dataplane::tcp_state::fix_receive_buffer(relay.as_fd(), SPLICED_RELAY_RCVBUF) {
+        tracing::debug!(error = %e, "could not fix the spliced relay's receive buffer");
+    }
 }
 
 /// Closes after an error reply without resetting the connection: unread
