@@ -448,7 +448,7 @@ impl SockmapDataplane {
         let removed = [pair.a, pair.b].map(|key| maps.peers.remove(&key));
         // Read the final counts after the sockets are out, free the flows whatever happens.
         let bytes = self.pair_bytes(&pair);
-        self.remove_all(&mut maps, &pair);
+        self.free_flows(&mut maps, &pair);
         for r in removed {
             // Already gone is fine: the kernel drops a socket's entry when it closes.
             match r {
@@ -483,6 +483,13 @@ impl SockmapDataplane {
     fn remove_all(&self, maps: &mut Maps, pair: &PairHandle) {
         for key in [pair.a, pair.b] {
             let _ = maps.peers.remove(&key);
+        }
+        self.free_flows(maps, pair);
+    }
+
+    /// Gives the pair's flow slots back (its sockets are out of `PEERS`).
+    fn free_flows(&self, maps: &mut Maps, pair: &PairHandle) {
+        for key in [pair.a, pair.b] {
             let _ = maps.slots.remove(&key);
         }
         let mut wakeups = self.wakeups.lock();
