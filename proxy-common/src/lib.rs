@@ -9,8 +9,9 @@
 /// It lives in a memory-mapped array (`FLOWS`), shared live between the
 /// verdict and the loader without syscalls. Each field has exactly one
 /// writer, so neither side ever needs a read-modify-write of the other's
-/// fields: the first two only the verdict writes (its runs for one socket
-/// are serialised by that socket's lock), the last three only userspace.
+/// fields: `redirected`, `passed` and the last three only the verdict writes
+/// (its runs for one socket are serialised by that socket's lock),
+/// `delivered`, `limit` and `wake_at` only userspace.
 ///
 /// The valve (SOCKMAP-NOTES rule 7): the verdict redirects an skb only while
 /// `passed == delivered` (userspace has moved everything that was passed to
@@ -34,7 +35,27 @@ pub struct FlowState {
     /// slot on `FLOW_WAKEUPS` so userspace can grant more credit before it
     /// runs out (userspace writes).
     pub wake_at: u64,
+    /// Bytes the verdict cut off retransmitted skbs because the socket had
+    /// already received them (rule 9, see the README; verdict writes).
+    pub trimmed: u64,
+    /// The TCP sequence number after the last byte the verdict has seen,
+    /// with [`SEQ_KNOWN`] set once it has seen one (verdict writes).
+    pub next_seq: u64,
+    /// Non-zero once the verdict had to drop new bytes it could not separate
+    /// from a retransmitted copy: the stream has a hole and userspace must
+    /// reset both sockets (verdict writes).
+    pub broken: u64,
 }
+
+/// Flag in [`FlowState::next_seq`]: the low 32 bits hold a sequence number.
+pub const SEQ_KNOWN: u64 = 1 << 32;
+
+/// Offset of `cb` in the kernel's `struct sk_buff` on 64-bit kernels (after
+/// the list pointers/rbnode, `sk` and `tstamp`), where TCP keeps the
+/// segment's `seq` and `end_seq` (`struct tcp_skb_cb`, first two `u32`s).
+/// The verdict checks every read against the skb's length, so a kernel
+/// with another layout is noticed, not trusted.
+pub const SKB_CB_OFFSET: usize = 40;
 
 /// Slots in `FLOWS`: one per direction of a spliced connection, so one per
 /// socket in the sockhash (each socket is the source of one direction).

@@ -2,26 +2,32 @@
 //! received on one is sent out of the other without entering userspace, up to
 //! the credit userspace granted.
 //!
-//! Owns only the per-skb decision (redirect, or leave it for userspace) and
+//! Owns only the per-skb decision (cut bytes it has seen before, then redirect
+//! or leave the rest for userspace) and
 //! the per-direction accounting in `FLOWS`. Userspace
 //! (`proxy-user/src/dataplane/sockmap.rs` and `kernel_splice.rs`) owns
 //! everything else: which sockets enter the maps and when, the rule-5 kick
 //! after an insert, credit, moving passed bytes, EOF, drain, half-close and
-//! removal. Rule numbers are those of SOCKMAP-NOTES.md.
+//! removal. Rule numbers are those of SOCKMAP-NOTES.md; rule 9 (retransmitted
+//! bytes) is konduit's own finding, described in the README's "Data plane".
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
-use aya_ebpf::helpers::bpf_get_socket_cookie;
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_probe_read_kernel};
 use aya_ebpf::macros::{map, stream_verdict};
 use aya_ebpf::maps::{Array, HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
-use konduit_common::{BPF_F_MMAPABLE, FlowState, MAX_FLOWS};
+use konduit_common::{BPF_F_MMAPABLE, FlowState, MAX_FLOWS, SEQ_KNOWN, SKB_CB_OFFSET};
 
 /// Allocate hash elements on insert instead of the whole table at load (BPF_F_NO_PREALLOC).
 const BPF_F_NO_PREALLOC: u32 = 1;
+/// `bpf_skb_adjust_room` removes at most this many bytes per call on an sk_skb.
+const ADJUST_ROOM_MAX: u32 = 0xfff;
+/// Calls to trim one skb: 64 × 4095 covers any 64 KiB GSO skb and then some.
+const TRIM_CALLS: u32 = 64;
 
 /// Each spliced socket, stored under its *peer's* socket cookie, so the
 /// verdict of a socket finds where to send with its own cookie as the key.
@@ -70,6 +76,11 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
     let Some(flow) = FLOWS.get_ptr_mut(slot) else {
         return SK_PASS;
     };
+    // SAFETY: `flow` points into FLOWS' value area (see below).
+    let Some(len) = (unsafe { keep_new_bytes(&ctx, flow, len as u32) }) else {
+        return SK_DROP;
+    };
+    let len = u64::from(len);
     // SAFETY: `flow` points into the array map's value area, valid while the
     // program runs. The verdict runs of one socket are serialised by its lock
     // (softirq, or the recvmsg kick of rule 5), so it is the only writer of
@@ -109,6 +120,80 @@ pub fn splice_verdict(ctx: SkBuffContext) -> u32 {
         write_volatile(addr_of_mut!((*flow).passed), passed + len);
         SK_PASS
     }
+}
+
+/// Rule 9: `tcp_read_skb` hands the verdict whole skbs, even one TCP queued
+/// although its front had arrived before (a retransmission overlapping what
+/// was received: TCP queues it whole, below `rcv_nxt`, and lets readers skip
+/// the old part by sequence number; this path does not, so the old bytes
+/// would go out twice). Follows the sequence numbers of what this socket
+/// received, cuts the old bytes off the front, and returns how many new
+/// bytes the skb still holds; `None` when there are none (drop it).
+///
+/// The position starts at the first skb the verdict sees: no retransmission
+/// can overlap bytes userspace read before the insert, since their sender
+/// got our ACK before it sent anything after them (it waits for our reply).
+///
+/// # Safety
+/// `flow` points into `FLOWS` and this socket's verdict runs are serialised.
+#[inline(always)]
+unsafe fn keep_new_bytes(ctx: &SkBuffContext, flow: *mut FlowState, len: u32) -> Option<u32> {
+    // The skb's `struct tcp_skb_cb` (its first two u32s: seq, end_seq).
+    // SAFETY: reads 8 bytes of the kernel's sk_buff behind this program's
+    // context through the fault-tolerant helper; a failed read is handled.
+    let range = unsafe { bpf_probe_read_kernel(ctx.skb.skb.cast::<u8>().add(SKB_CB_OFFSET).cast::<[u32; 2]>()) };
+    // SAFETY (this and the accesses to `*flow` below): see the caller; each
+    // is a single aligned load or store of a field this program owns.
+    let next_field = unsafe { addr_of_mut!((*flow).next_seq) };
+    let Ok([seq, end_seq]) = range else {
+        return Some(len);
+    };
+    // end_seq counts a FIN; anything else means this is not TCP's control
+    // block (another kernel layout): forget the position rather than trust it.
+    let span = end_seq.wrapping_sub(seq);
+    if span != len && span != len.wrapping_add(1) {
+        unsafe { write_volatile(next_field, 0) };
+        return Some(len);
+    }
+    let next = unsafe { read_volatile(next_field) };
+    let end = seq.wrapping_add(len);
+    let known = next & SEQ_KNOWN != 0;
+    // Sequence numbers wrap: compare by signed distance.
+    let old = if known { (next as u32).wrapping_sub(seq) as i32 } else { 0 };
+    let advanced = !known || end.wrapping_sub(next as u32) as i32 > 0;
+    unsafe { write_volatile(next_field, SEQ_KNOWN | u64::from(if advanced { end } else { next as u32 })) };
+    if old <= 0 {
+        return Some(len);
+    }
+    let old = (old as u32).min(len);
+    if !trim_front(ctx, old) {
+        // New bytes behind old ones that cannot be cut off: dropping them
+        // leaves a hole, sending them sends the old ones twice. Either way
+        // the stream is wrong; userspace resets the connection.
+        unsafe { write_volatile(addr_of_mut!((*flow).broken), 1) };
+        return None;
+    }
+    let trimmed = unsafe { read_volatile(addr_of!((*flow).trimmed)) };
+    unsafe { write_volatile(addr_of_mut!((*flow).trimmed), trimmed + u64::from(old)) };
+    // All old: the now empty skb is dropped (and leaves copied_seq alone).
+    if old == len { None } else { Some(len - old) }
+}
+
+/// Removes the first `n` bytes of the skb.
+#[inline(always)]
+fn trim_front(ctx: &SkBuffContext, mut n: u32) -> bool {
+    for _ in 0..TRIM_CALLS {
+        if n == 0 {
+            return true;
+        }
+        let step = n.min(ADJUST_ROOM_MAX);
+        // Mode 0 (BPF_ADJ_ROOM_NET) and no flags: the only form an sk_skb takes.
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        n -= step;
+    }
+    n == 0
 }
 
 #[cfg(not(test))]

@@ -51,6 +51,8 @@ pub struct DataplaneMetrics {
     pub fallbacks: IntCounterVec,
     /// Bytes of spliced connections the valve moved in userspace (rule 7).
     pub valve_bytes: prometheus::IntCounter,
+    /// Bytes the verdict cut off retransmitted segments it had seen before (rule 9).
+    pub retransmit_trimmed_bytes: prometheus::IntCounter,
 }
 
 impl DataplaneMetrics {
@@ -76,6 +78,14 @@ impl DataplaneMetrics {
                 prometheus::IntCounter::with_opts(Opts::new(
                     "konduit_dataplane_valve_bytes_total",
                     "Bytes of kernel-spliced connections moved in userspace while their reader lagged",
+                ))
+                .expect("valid metric"),
+            ),
+            retransmit_trimmed_bytes: register(
+                r,
+                prometheus::IntCounter::with_opts(Opts::new(
+                    "konduit_dataplane_retransmit_trimmed_bytes_total",
+                    "Bytes of retransmitted segments the kernel data plane had already received and did not forward again",
                 ))
                 .expect("valid metric"),
             ),

@@ -480,6 +480,10 @@ async fn finish_relayed(
     // a = relay (toward the server), b = backend (on this node).
     metrics.dataplane.record(stats.engine, stats.a_to_b, stats.b_to_a);
     metrics.dataplane.valve_bytes.inc_by(stats.passed);
+    metrics.dataplane.retransmit_trimmed_bytes.inc_by(stats.trimmed);
+    if stats.trimmed > 0 {
+        tracing::debug!(connect_id, trimmed = stats.trimmed, "retransmitted bytes received twice were forwarded once");
+    }
     state.send(PacketKind::CloseResponse { connect_id, error: None }).await;
     if let Some(e) = stats.error {
         tracing::debug!(server = %state.server_id, %address, connect_id, error = %e, "relayed connection ended with an error");

@@ -3,7 +3,8 @@
 //! the sockets; this module decides whether a pair may be spliced at all,
 //! watches both sockets without ever reading them, passes half-close and
 //! abort on, waits for in-flight bytes before a FIN, and removes the pair
-//! when both directions are done. Rule numbers refer to SOCKMAP-NOTES.md.
+//! when both directions are done. Rule numbers refer to SOCKMAP-NOTES.md (rule 9,
+//! retransmitted bytes, to the README's "Data plane").
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -139,6 +140,8 @@ struct Flow<'a> {
     sink_fin_sent: &'a AtomicBool,
     /// Whether `source` is set to reset on close (see `move_passed`).
     abort_armed: bool,
+    /// Where passed bytes pass through; grows to the largest batch moved.
+    valve_buf: Vec<u8>,
 }
 
 impl Flow<'_> {
@@ -163,7 +166,8 @@ impl Flow<'_> {
             self.abort_armed = true;
         }
         let sink_has_taken = |n: u64| self.dir.accepted(self.sink.as_fd()).map(|a| a >= n);
-        valve::move_passed(&self.meter, self.source, self.sink, sink_has_taken, drain_pause).await?;
+        valve::move_passed(&self.meter, self.source, self.sink, &mut self.valve_buf, sink_has_taken, drain_pause)
+            .await?;
         if !self.meter.has_passed_bytes() {
             tcp_state::close_gracefully(self.source)?;
             self.abort_armed = false;
@@ -188,6 +192,7 @@ impl Flow<'_> {
             tokio::select! {
                 ready = self.source.ready(Interest::READABLE) => {
                     let ready = ready?;
+                    self.meter.check_intact()?;
                     if ready.is_error() || ready.is_read_closed() {
                         closed_or_failed(self.source, ready, self.source_fin_sent)?;
                         return self.drain_then_shutdown().await;
@@ -221,6 +226,7 @@ impl Flow<'_> {
     async fn drain_then_shutdown(mut self) -> DirectionResult {
         let mut step = 0;
         loop {
+            self.meter.check_intact()?;
             // The FIN is in `received` but never redirected (rule 3 drops it).
             let payload = self.dir.received(self.source.as_fd())?.saturating_sub(1);
             if self.accepted()? >= payload {
@@ -345,6 +351,7 @@ impl<M: PairMap> Joined<M> {
             source_fin_sent: &a_fin_sent,
             sink_fin_sent: &b_fin_sent,
             abort_armed: false,
+            valve_buf: Vec::new(),
         }
         .run();
         let backward = Flow {
@@ -355,6 +362,7 @@ impl<M: PairMap> Joined<M> {
             source_fin_sent: &b_fin_sent,
             sink_fin_sent: &a_fin_sent,
             abort_armed: false,
+            valve_buf: Vec::new(),
         }
         .run();
         tokio::pin!(forward, backward);
@@ -382,7 +390,9 @@ impl<M: PairMap> Joined<M> {
             Some(Ok(n)) => *n,
             _ => b_flow.moved(),
         };
-        stats.passed = a_flow.state().delivered + b_flow.state().delivered;
+        let (a_state, b_state) = (a_flow.state(), b_flow.state());
+        stats.passed = a_state.delivered + b_state.delivered;
+        stats.trimmed = a_state.trimmed + b_state.trimmed;
         stats.error = [fwd, bwd].into_iter().flatten().find_map(|r| r.err()).map(|e| e.to_string());
         stats
     }

@@ -64,6 +64,9 @@ pub struct SpliceStats {
     pub b_to_a: u64,
     /// Of those, bytes the sockmap engine's valve moved in userspace (rule 7).
     pub passed: u64,
+    /// Bytes of retransmitted segments the sockmap engine received twice and
+    /// forwarded once (rule 9).
+    pub trimmed: u64,
     pub error: Option<String>,
 }
 

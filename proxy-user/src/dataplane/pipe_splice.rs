@@ -336,6 +336,7 @@ impl<A: PipeSocket, B: PipeSocket> PipeSplice<A, B> {
             a_to_b: forward_bytes,
             b_to_a: backward_bytes,
             passed: 0,
+            trimmed: 0,
             error: error.map(|e| e.into_inner().to_string()),
         }
     }

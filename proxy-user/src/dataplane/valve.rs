@@ -181,6 +181,19 @@ impl Meter {
         }
     }
 
+    /// Fails once the verdict had to drop new bytes of a retransmitted skb it
+    /// could not trim (rule 9): the stream has a hole, so the connection is
+    /// reset rather than continued.
+    pub fn check_intact(&self) -> io::Result<()> {
+        if self.flow.state().broken == 0 {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the kernel data plane could not separate new bytes from a retransmitted copy; resetting",
+        ))
+    }
+
     /// A snapshot of the flow.
     pub fn state(&self) -> FlowState {
         self.flow.state()
@@ -194,13 +207,10 @@ impl Meter {
 /// was passed: the source's receive queue holds nothing else while its
 /// verdict passes (rule 4).
 ///
-/// Each read takes every passed byte queued at that moment, never part of
-/// one skb: on this kernel (6.18) a receive that ends inside a passed skb
-/// sometimes makes a later receive return that whole skb again (2 GiB
-/// downloads under CPU load got one 65,483-byte segment twice in about one
-/// run of four with 64 KiB reads; none in twelve runs reading everything).
-/// What is queued is bounded by the source's receive buffer, which the
-/// sockmap engine fixes at the lag budget, so is the buffer.
+/// Each read takes every passed byte queued at that moment (one syscall per
+/// batch); what is queued is bounded by the source's receive buffer, which
+/// the sockmap engine fixes at the lag budget, and so is `buf`, which the
+/// caller keeps between calls.
 ///
 /// Returns when nothing more can be read now. Reads go through tokio's
 /// readiness, so an empty read clears the source's readiness only if no newer
@@ -209,6 +219,7 @@ pub async fn move_passed<F, W>(
     meter: &Meter,
     source: &TcpStream,
     sink: &TcpStream,
+    buf: &mut Vec<u8>,
     mut sink_has_taken: F,
     wait: W,
 ) -> io::Result<()>
@@ -216,7 +227,6 @@ where
     F: FnMut(u64) -> io::Result<bool>,
     W: AsyncFn(usize),
 {
-    let mut buf = Vec::new();
     loop {
         let first = meter.state();
         if first.passed == first.delivered {

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use super::pattern::Pattern;
+use super::pattern::{Pattern, describe_origins};
 
 /// Size of the request that opens a bulk transfer.
 pub const BULK_HEADER_LEN: usize = 24;
@@ -82,6 +82,53 @@ pub fn decode_verdict(raw: &[u8; VERDICT_LEN]) -> Result<(), u64> {
     }
 }
 
+/// Received bytes from the first wrong one on, kept to say where they came from.
+#[derive(Default)]
+pub struct Evidence {
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Evidence {
+    /// Enough to see a repeated or skipped segment and what follows it.
+    const KEEP: usize = 4 << 20;
+
+    /// Keeps the part of `chunk` (received at `offset`) from stream offset `bad` on.
+    pub fn keep(&mut self, bad: u64, offset: u64, chunk: &[u8]) {
+        if self.bytes.is_empty() {
+            self.start = bad;
+        }
+        let skip = usize::try_from(bad.saturating_sub(offset)).unwrap_or(usize::MAX).min(chunk.len());
+        let room = Self::KEEP - self.bytes.len();
+        let take = &chunk[skip..];
+        self.bytes.extend_from_slice(&take[..take.len().min(room)]);
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.bytes.len() >= Self::KEEP
+    }
+
+    /// Where the kept bytes come from in the stream, as one line.
+    pub fn describe(&self, pattern: &Pattern) -> String {
+        let runs = pattern.origins(self.start, &self.bytes);
+        format!("received from {} on: {}", self.start, describe_origins(&runs, 8))
+    }
+}
+
+/// What upload sinks found wrong, by seed, for the client's error message.
+static UPLOAD_EVIDENCE: std::sync::Mutex<Vec<(u64, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn record_upload_evidence(seed: u64, description: String) {
+    UPLOAD_EVIDENCE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((seed, description));
+}
+
+/// What the sink of the upload with `seed` found about its wrong bytes.
+pub fn take_upload_evidence(seed: u64) -> Option<String> {
+    let mut all = UPLOAD_EVIDENCE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let at = all.iter().position(|(s, _)| *s == seed)?;
+    Some(all.swap_remove(at).1)
+}
+
 /// The three servers; dropping this stops them.
 pub struct Backends {
     pub bulk: SocketAddr,
@@ -147,6 +194,7 @@ async fn bulk_session(mut stream: TcpStream) -> anyhow::Result<()> {
         Direction::Upload => {
             let mut offset = 0u64;
             let mut result = Ok(());
+            let mut evidence = Evidence::default();
             while offset < request.len {
                 let want = (request.len - offset).min(CHUNK as u64) as usize;
                 let n = stream.read(&mut buf[..want]).await?;
@@ -156,7 +204,13 @@ async fn bulk_session(mut stream: TcpStream) -> anyhow::Result<()> {
                 if result.is_ok() {
                     result = pattern.verify(offset, &buf[..n]);
                 }
+                if let Err(bad) = result {
+                    evidence.keep(bad, offset, &buf[..n]);
+                }
                 offset += n as u64;
+            }
+            if result.is_err() {
+                record_upload_evidence(request.seed, evidence.describe(&pattern));
             }
             stream.write_all(&encode_verdict(result)).await?;
         }

@@ -9,18 +9,20 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-use super::backends::{BulkRequest, CHUNK, Direction, VERDICT_LEN, decode_verdict};
+use super::backends::{BulkRequest, CHUNK, Direction, Evidence, VERDICT_LEN, decode_verdict, take_upload_evidence};
 use super::gateway::{Gateway, Target, Tunnel};
 use super::pattern::Pattern;
 
 /// A transfer whose bytes arrived wrong: the run must fail, never report a number.
 #[derive(Debug, thiserror::Error)]
-#[error("byte mismatch: {direction:?} of {len} bytes (seed {seed}) differs at offset {offset}")]
+#[error("byte mismatch: {direction:?} of {len} bytes (seed {seed}) differs at offset {offset}; {evidence}")]
 pub struct IntegrityError {
     pub direction: Direction,
     pub len: u64,
     pub seed: u64,
     pub offset: u64,
+    /// Where the wrong bytes came from (see `Pattern::origins`).
+    pub evidence: String,
 }
 
 /// Moves `len` pattern bytes one way through a new tunnel; returns the time
@@ -45,7 +47,8 @@ pub async fn bulk(gateway: &Gateway, direction: Direction, len: u64, seed: u64) 
             let mut verdict = [0u8; VERDICT_LEN];
             tunnel.read_exact(&mut verdict).await.context("read the sink's verdict")?;
             if let Err(offset) = decode_verdict(&verdict) {
-                return Err(IntegrityError { direction, len, seed, offset }.into());
+                let evidence = take_upload_evidence(seed).unwrap_or_else(|| "the sink kept no evidence".into());
+                return Err(IntegrityError { direction, len, seed, offset, evidence }.into());
             }
         }
         Direction::Download => {
@@ -57,7 +60,8 @@ pub async fn bulk(gateway: &Gateway, direction: Direction, len: u64, seed: u64) 
                     bail!("download ended after {offset} of {len} bytes");
                 }
                 if let Err(at) = pattern.verify(offset, &buf[..n]) {
-                    return Err(IntegrityError { direction, len, seed, offset: at }.into());
+                    let evidence = download_evidence(&mut tunnel, &pattern, at, offset, &buf[..n]).await;
+                    return Err(IntegrityError { direction, len, seed, offset: at, evidence }.into());
                 }
                 offset += n as u64;
             }
@@ -66,6 +70,26 @@ pub async fn bulk(gateway: &Gateway, direction: Direction, len: u64, seed: u64) 
     let elapsed = started.elapsed();
     let _ = tunnel.shutdown().await;
     Ok(elapsed)
+}
+
+/// Reads on after a wrong byte (for a few seconds at most) to say where the
+/// received bytes came from.
+async fn download_evidence(tunnel: &mut Tunnel, pattern: &Pattern, bad: u64, offset: u64, chunk: &[u8]) -> String {
+    let mut evidence = Evidence::default();
+    evidence.keep(bad, offset, chunk);
+    let mut offset = offset + chunk.len() as u64;
+    let mut buf = vec![0u8; CHUNK];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !evidence.is_full() {
+        match tokio::time::timeout_at(deadline, tunnel.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                evidence.keep(bad, offset, &buf[..n]);
+                offset += n as u64;
+            }
+            _ => break,
+        }
+    }
+    evidence.describe(pattern)
 }
 
 /// `streams` concurrent bulk transfers of `total / streams` bytes each, even
