@@ -18,7 +18,7 @@ use konduit_e2e::probe::metric;
 use konduit_e2e::{Frontend, GrpcTunnel, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::test::{cargo, workspace_root};
+use crate::test::{cargo, release_binary};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -28,12 +28,6 @@ pub struct DemoArgs {
     /// Use the existing release binary instead of running `cargo build --release` first.
     #[arg(long)]
     no_build: bool,
-}
-
-fn release_binary() -> PathBuf {
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    target.join("release/konduit")
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {

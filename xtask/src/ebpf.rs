@@ -9,10 +9,7 @@ use std::path::PathBuf;
 use konduit_ebpf_build::{Console, Layout};
 
 fn layout() -> Layout {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::test::workspace_root().join("target"));
-    Layout::new(target)
+    Layout::new(crate::test::target_dir())
 }
 
 /// Installs the nightly's `rust-src` and builds bpf-linker under

@@ -667,7 +667,7 @@ fn build_release(root: &Path) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("cargo build --release -p konduit failed ({status})");
     }
-    Ok(root.join("target/release/konduit"))
+    Ok(crate::test::release_binary())
 }
 
 fn command_output(program: &Path, args: &[&str], dir: &Path) -> Option<String> {
