@@ -47,6 +47,22 @@ async fn agent_metric(t: &Topology, name: &str, labels: &[(&str, &str)]) -> f64 
     metric(&t.agents[0].metrics().await, name, labels).unwrap_or(0.0)
 }
 
+/// Waits until the connection just made is counted: `true` when it fell back for
+/// `reason` (the counter passed `fallbacks_before`), `false` when it was spliced.
+async fn fell_back(t: &Topology, reason: &str, fallbacks_before: f64, spliced_before: f64) -> bool {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if agent_metric(t, FALLBACKS, &[("reason", reason)]).await > fallbacks_before {
+            return true;
+        }
+        if agent_metric(t, SPLICED, &[("engine", "sockmap")]).await > spliced_before {
+            return false;
+        }
+        assert!(Instant::now() < deadline, "the connection was neither spliced nor counted as {reason}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The agent's idle state, to come back to after a scenario.
 struct Idle {
     fds: f64,
@@ -167,7 +183,6 @@ async fn a_backend_that_speaks_first_falls_back_to_userspace_and_is_byte_exact()
     let t = spliced_topology("rule5", &[backend.addr.port()]).await;
     let idle = Idle::record(&t).await;
 
-    let mut raced = 0;
     for attempt in 0..ATTEMPTS {
         let queued = agent_metric(&t, FALLBACKS, &[("reason", "data_queued")]).await;
         let spliced = agent_metric(&t, SPLICED, &[("engine", "sockmap")]).await;
@@ -186,19 +201,10 @@ async fn a_backend_that_speaks_first_falls_back_to_userspace_and_is_byte_exact()
         assert!(echoed.await.expect("reader").expect("echo") == echo, "attempt {attempt}: echo is byte-exact");
         drop(w);
 
-        let deadline = Instant::now() + STEP;
-        loop {
-            if agent_metric(&t, FALLBACKS, &[("reason", "data_queued")]).await > queued {
-                idle.assert_back(&t, "rule 5").await;
-                eprintln!("attempt {attempt} fell back (data_queued); {raced} earlier attempts raced the greeting");
-                return;
-            }
-            if agent_metric(&t, SPLICED, &[("engine", "sockmap")]).await > spliced {
-                raced += 1;
-                break;
-            }
-            assert!(Instant::now() < deadline, "attempt {attempt} was neither spliced nor counted as data_queued");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if fell_back(&t, "data_queued", queued, spliced).await {
+            idle.assert_back(&t, "rule 5").await;
+            eprintln!("attempt {attempt} fell back (data_queued); the earlier ones raced the greeting");
+            return;
         }
     }
     panic!("in {ATTEMPTS} attempts the greeting never arrived before the insert: no data_queued fallback was seen");
@@ -239,7 +245,6 @@ async fn a_backend_that_half_closed_before_the_splice_falls_back_and_still_gets_
     let t = spliced_topology("rule6", &[backend.addr.port()]).await;
     let idle = Idle::record(&t).await;
 
-    let mut raced = 0;
     for attempt in 0..ATTEMPTS {
         let refused = agent_metric(&t, FALLBACKS, &[("reason", "not_established")]).await;
         let spliced = agent_metric(&t, SPLICED, &[("engine", "sockmap")]).await;
@@ -255,19 +260,10 @@ async fn a_backend_that_half_closed_before_the_splice_falls_back_and_still_gets_
         assert_eq!(digest, Some(hex(&pattern_sha256(seed, LEN))), "attempt {attempt}: the backend got every byte");
         drop(stream);
 
-        let deadline = Instant::now() + STEP;
-        loop {
-            if agent_metric(&t, FALLBACKS, &[("reason", "not_established")]).await > refused {
-                idle.assert_back(&t, "rule 6").await;
-                eprintln!("attempt {attempt} fell back (not_established); {raced} earlier attempts raced the FIN");
-                return;
-            }
-            if agent_metric(&t, SPLICED, &[("engine", "sockmap")]).await > spliced {
-                raced += 1;
-                break;
-            }
-            assert!(Instant::now() < deadline, "attempt {attempt} was neither spliced nor counted as not_established");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if fell_back(&t, "not_established", refused, spliced).await {
+            idle.assert_back(&t, "rule 6").await;
+            eprintln!("attempt {attempt} fell back (not_established); the earlier ones raced the FIN");
+            return;
         }
     }
     panic!("in {ATTEMPTS} attempts the backend's FIN never arrived before the insert: no not_established fallback");
