@@ -200,6 +200,12 @@ impl FlowRef {
         }
     }
 
+    /// Whether the verdict gave up on this direction (rule 9): one load, as it
+    /// is checked on every readiness event of the source.
+    pub fn is_broken(&self) -> bool {
+        self.table.field(self.slot, Field::Broken).load(Ordering::Acquire) != 0
+    }
+
     /// Records `n` more passed bytes written to the peer. Only after they
     /// were written: the verdict resumes redirecting once `delivered` equals
     /// `passed`.

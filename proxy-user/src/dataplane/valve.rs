@@ -185,7 +185,7 @@ impl Meter {
     /// could not trim (rule 9): the stream has a hole, so the connection is
     /// reset rather than continued.
     pub fn check_intact(&self) -> io::Result<()> {
-        if self.flow.state().broken == 0 {
+        if !self.flow.is_broken() {
             return Ok(());
         }
         Err(io::Error::new(
